@@ -1,0 +1,101 @@
+"""Which weights of a model may be pruned.
+
+Keras 3 variables carry no reference to the layer that owns them, and an
+optimizer only ever sees variables. So a weight is prunable when either
+
+1. it was marked explicitly with `mark_prunable` (the hook for custom layers;
+   `mark_not_prunable` opts a weight out), or
+2. its name is a registered prunable weight name and it has rank >= 2.
+
+The built-in names cover the kernels of `Dense`, `EinsumDense`,
+`Conv1D/2D/3D`, `Conv1D/2D/3DTranspose`, `DepthwiseConv1D/2D` (`kernel`) and
+`SeparableConv1D/2D` (`depthwise_kernel`, `pointwise_kernel`). `Embedding`
+tables (`embeddings`) are prunable on request only. Biases, normalization
+scales and every other 1-D variable are never pruned, whatever their name.
+"""
+
+_PRUNABLE_NAMES = {"kernel", "depthwise_kernel", "pointwise_kernel"}
+_EMBEDDING_NAMES = {"embeddings"}
+_MARK_ATTR = "_kft_prunable"
+
+
+def register_prunable_name(name, embedding=False):
+    """Registers a weight name whose rank >= 2 variables are prunable.
+
+    Args:
+        name: str. The variable's own name (the last part of its path), for
+            example `"w"` for a custom layer that creates
+            `self.add_weight(name="w", ...)`.
+        embedding: bool. If True, the name is treated like an embedding table:
+            pruned only when the optimizer is built with
+            `include_embeddings=True`.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(
+            f"Argument `name` must be a non-empty string. Received: name={name!r}"
+        )
+    (_EMBEDDING_NAMES if embedding else _PRUNABLE_NAMES).add(name)
+
+
+def mark_prunable(*variables):
+    """Marks variables as prunable, whatever their name.
+
+    Call it from a custom layer's `build()` after creating the weight:
+
+    ```python
+    class MyLayer(keras.layers.Layer):
+        def build(self, input_shape):
+            self.w = self.add_weight(shape=(input_shape[-1], 8), name="w")
+            kft.mark_prunable(self.w)
+    ```
+
+    Args:
+        *variables: `keras.Variable`s of rank >= 2.
+    """
+    for variable in variables:
+        if len(variable.shape) < 2:
+            raise ValueError(
+                "Only weights of rank >= 2 can be pruned. Received: "
+                f"variable={variable.path} with shape={tuple(variable.shape)}"
+            )
+        setattr(variable, _MARK_ATTR, True)
+
+
+def mark_not_prunable(*variables):
+    """Excludes variables from pruning, whatever their name."""
+    for variable in variables:
+        setattr(variable, _MARK_ATTR, False)
+
+
+def is_prunable(variable, include_embeddings=False):
+    """Returns whether `variable` may be pruned (see the module docstring)."""
+    if not getattr(variable, "trainable", True):
+        return False
+    shape = tuple(variable.shape)
+    mark = getattr(variable, _MARK_ATTR, None)
+    if mark is not None:
+        return bool(mark) and len(shape) >= 2
+    if len(shape) < 2:
+        return False
+    name = variable.name.split("/")[-1].split(":")[0]
+    if name in _PRUNABLE_NAMES:
+        return True
+    return include_embeddings and name in _EMBEDDING_NAMES
+
+
+def prunable_variables(variables, include_embeddings=False):
+    """Filters a list of variables down to the prunable ones, keeping order."""
+    return [v for v in variables if is_prunable(v, include_embeddings)]
+
+
+def matches(key, path):
+    """Whether an override `key` names the variable at `path`.
+
+    A key matches the full variable path (`"sequential/dense/kernel"`), a
+    suffix of it made of whole components (`"dense/kernel"`), or the name of
+    any layer on the path (`"dense"`).
+    """
+    parts = path.split("/")
+    if key == path or path.endswith("/" + key):
+        return True
+    return key in parts[:-1]
