@@ -1,0 +1,63 @@
+"""Shared pytest setup for keras_freetickets.
+
+Environment variables are set before any test module imports TensorFlow or
+Keras. Keras itself is imported lazily, so that test modules of the pure-numpy
+parts of the library never pay for importing TensorFlow.
+"""
+
+import os
+import pathlib
+import sys
+
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+FASHION_MNIST_DIR = pathlib.Path(
+    os.environ.get("KFT_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist")
+)
+FASHION_MNIST_FILES = (
+    "train-images-idx3-ubyte.gz",
+    "train-labels-idx1-ubyte.gz",
+    "t10k-images-idx3-ubyte.gz",
+    "t10k-labels-idx1-ubyte.gz",
+)
+
+
+def fashion_mnist_available():
+    """True when the four Fashion-MNIST IDX files are installed."""
+    return all((FASHION_MNIST_DIR / name).is_file() for name in FASHION_MNIST_FILES)
+
+
+# Usage: `@requires_fashion_mnist` on a test that reads the real data set
+# (installed by `scripts/setup.sh` from Debian's dataset-fashion-mnist).
+requires_fashion_mnist = pytest.mark.skipif(
+    not fashion_mnist_available(),
+    reason=f"Fashion-MNIST IDX files not found in {FASHION_MNIST_DIR}; "
+    "run `bash scripts/setup.sh` (apt-get install dataset-fashion-mnist)",
+)
+
+
+@pytest.fixture
+def fmnist_available():
+    """Skips the test unless Fashion-MNIST is installed; returns its folder."""
+    if not fashion_mnist_available():
+        pytest.skip(
+            f"Fashion-MNIST IDX files not found in {FASHION_MNIST_DIR}; "
+            "run `bash scripts/setup.sh`"
+        )
+    return FASHION_MNIST_DIR
+
+
+@pytest.fixture(autouse=True)
+def _clear_keras_session():
+    """Frees Keras' global state (layer names, graphs) after every test.
+
+    Only when the test (or its module) imported Keras: pure-numpy tests stay
+    free of the TensorFlow import.
+    """
+    yield
+    keras = sys.modules.get("keras")
+    if keras is not None:
+        keras.backend.clear_session()
