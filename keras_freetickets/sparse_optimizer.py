@@ -10,6 +10,8 @@ from keras.src.utils import tracking
 from keras_freetickets import distributions
 from keras_freetickets import prunable
 from keras_freetickets import schedules
+from keras_freetickets._validation import check_fraction
+from keras_freetickets._validation import check_int
 
 GROW_MODES = ("gradient", "random")
 
@@ -143,13 +145,7 @@ class SparseOptimizer(keras.optimizers.Optimizer):
                 "SparseOptimizer does not take the base optimizer arguments "
                 f"{sorted(kwargs)}: set them on the inner optimizer."
             )
-        if isinstance(sparsity, bool) or not isinstance(
-            sparsity, (int, float)
-        ) or not 0.0 <= sparsity < 1.0:
-            raise ValueError(
-                "Argument `sparsity` must be a float in [0, 1). "
-                f"Received: sparsity={sparsity!r}"
-            )
+        check_fraction("sparsity", sparsity, allow_zero=True)
         if not callable(distribution):
             distributions.get(distribution)  # raises on an unknown name
         if grow not in GROW_MODES:
@@ -157,23 +153,17 @@ class SparseOptimizer(keras.optimizers.Optimizer):
                 f"Argument `grow` must be one of {list(GROW_MODES)}. "
                 f"Received: grow={grow!r}"
             )
-        if isinstance(drop_fraction, bool) or not isinstance(
-            drop_fraction, (int, float)
-        ) or not 0.0 < drop_fraction <= 1.0:
-            raise ValueError(
-                "Argument `drop_fraction` must be in (0, 1]. "
-                f"Received: drop_fraction={drop_fraction!r}"
-            )
-        _check_int("update_interval", update_interval, minimum=1)
+        check_fraction("drop_fraction", drop_fraction)
+        check_int("update_interval", update_interval, minimum=1)
         if update_start_step is None:
             update_start_step = update_interval
-        _check_int("update_start_step", update_start_step, minimum=0)
+        check_int("update_start_step", update_start_step, minimum=0)
         if total_steps is not None:
-            _check_int("total_steps", total_steps, minimum=1)
+            check_int("total_steps", total_steps, minimum=1)
         if update_end_step is None and total_steps is not None:
             update_end_step = int(math.floor(0.75 * total_steps + 0.5))
         if update_end_step is not None:
-            _check_int("update_end_step", update_end_step, minimum=0)
+            check_int("update_end_step", update_end_step, minimum=0)
             if update_end_step <= update_start_step:
                 raise ValueError(
                     "Argument `update_end_step` must be greater than "
@@ -192,14 +182,8 @@ class SparseOptimizer(keras.optimizers.Optimizer):
                     "Argument `overrides` must map layer names or variable "
                     f"paths to sparsities. Received key: {key!r}"
                 )
-            if isinstance(value, bool) or not isinstance(
-                value, (int, float)
-            ) or not 0.0 <= value < 1.0:
-                raise ValueError(
-                    "Argument `overrides` must map names to sparsities in "
-                    f"[0, 1). Received: overrides[{key!r}]={value!r}"
-                )
-        _check_int("seed", seed, minimum=0)
+            check_fraction(f"overrides[{key!r}]", value, allow_zero=True)
+        check_int("seed", seed, minimum=0)
 
         super().__init__(learning_rate=0.0, name=name)
         self._drop_schedule = drop_schedule
@@ -219,6 +203,10 @@ class SparseOptimizer(keras.optimizers.Optimizer):
         # Set by EDSTCallback before the train step is traced: global
         # explorations may drop up to all active weights of a layer.
         self._global_exploration = False
+        self._global_grow = None
+        self._pending_controls = [
+            self._configured_stop_step(), _NO_STEP, 0.0
+        ]
         self._sparse_layers = []
         self._dense_prunable = []
         self._layer_of_key = {}
@@ -294,19 +282,20 @@ class SparseOptimizer(keras.optimizers.Optimizer):
         self.mask_updates = self.add_variable(
             shape=(), dtype="int64", name="mask_updates"
         )
+        # Callbacks may set these before the optimizer is built (Keras
+        # builds it while tracing the first train step).
+        stop_step, explore_step, explore_fraction = self._pending_controls
         self.update_stop_step = self.add_variable(
             shape=(), dtype="int64", name="update_stop_step",
-            initializer=keras.initializers.Constant(
-                _NO_END if self.update_end_step is None
-                else self.update_end_step
-            ),
+            initializer=keras.initializers.Constant(stop_step),
         )
         self.global_explore_step = self.add_variable(
             shape=(), dtype="int64", name="global_explore_step",
-            initializer=keras.initializers.Constant(_NO_STEP),
+            initializer=keras.initializers.Constant(explore_step),
         )
         self.global_drop_fraction = self.add_variable(
             shape=(), dtype="float32", name="global_drop_fraction",
+            initializer=keras.initializers.Constant(explore_fraction),
         )
         # Route the inner optimizer's per-variable update through the masks.
         self._inner_update_step = type(self.inner_optimizer).update_step.__get__(
@@ -419,16 +408,22 @@ class SparseOptimizer(keras.optimizers.Optimizer):
         kept = tf.logical_and(old, tf.logical_not(dropped))
         # Grow: the k best of all weights inactive after the drop (RigL's
         # candidates, which include the weights just dropped).
-        if self.grow == "gradient":
-            score = tf.abs(
-                tf.reshape(tf.convert_to_tensor(gradient), [-1])
-            )
-            score = tf.cast(score, tf.float32)
-        else:
+        def gradient_score():
+            flat = tf.reshape(tf.convert_to_tensor(gradient), [-1])
+            return tf.cast(tf.abs(flat), tf.float32)
+
+        def random_score():
             key = tf.stack(
                 [tf.constant(self.seed, tf.int64) * 65537 + layer.index, step]
             )
-            score = tf.random.stateless_uniform([n], seed=key, alg="philox")
+            return tf.random.stateless_uniform([n], seed=key, alg="philox")
+
+        scores = {"gradient": gradient_score, "random": random_score}
+        global_grow = self._global_grow or self.grow
+        if not self._global_exploration or global_grow == self.grow:
+            score = scores[self.grow]()
+        else:
+            score = tf.cond(is_global, scores[global_grow], scores[self.grow])
         grow_score = tf.where(kept, _NEG_INF, score)
         _, grow_idx = tf.math.top_k(grow_score, k_max)
         grown = _scatter_flags(grow_idx, select, n)
@@ -460,14 +455,24 @@ class SparseOptimizer(keras.optimizers.Optimizer):
         return tf.constant(True)
 
     # ------------------------------------------------------ global exploration
-    def enable_global_exploration(self):
+    def enable_global_exploration(self, grow=None):
         """Lets `schedule_global_exploration` drop any fraction of weights.
 
         Must be called before the train step is traced (EDSTCallback does it
         in `set_model`). Returns True when this changed the traced program.
+
+        Args:
+            grow: "gradient", "random" or None (the optimizer's `grow`): how
+                global explorations regrow weights.
         """
-        changed = not self._global_exploration
+        if grow is not None and grow not in GROW_MODES:
+            raise ValueError(
+                f"Argument `grow` must be one of {list(GROW_MODES)}. "
+                f"Received: grow={grow!r}"
+            )
+        changed = not self._global_exploration or grow != self._global_grow
         self._global_exploration = True
+        self._global_grow = grow
         return changed
 
     def schedule_global_exploration(self, step, drop_fraction):
@@ -477,11 +482,7 @@ class SparseOptimizer(keras.optimizers.Optimizer):
         weights by magnitude and grows as many (by `grow`), whatever the
         local update schedule says.
         """
-        if not 0.0 < drop_fraction <= 1.0:
-            raise ValueError(
-                "Argument `drop_fraction` must be in (0, 1]. "
-                f"Received: drop_fraction={drop_fraction!r}"
-            )
+        check_fraction("drop_fraction", drop_fraction)
         if drop_fraction > self.drop_fraction and not self._global_exploration:
             raise ValueError(
                 "Call enable_global_exploration() before the train step is "
@@ -489,7 +490,9 @@ class SparseOptimizer(keras.optimizers.Optimizer):
                 f"({self.drop_fraction}). Received: drop_fraction="
                 f"{drop_fraction}"
             )
-        self._require_built()
+        if not self.built:
+            self._pending_controls[1:] = [int(step), float(drop_fraction)]
+            return
         self.global_explore_step.assign(int(step))
         self.global_drop_fraction.assign(float(drop_fraction))
 
@@ -498,14 +501,19 @@ class SparseOptimizer(keras.optimizers.Optimizer):
 
         `None` restores the configured `update_end_step`.
         """
-        self._require_built()
         if step is None:
-            step = _NO_END if self.update_end_step is None else (
-                self.update_end_step
-            )
-        elif self.update_end_step is not None:
-            step = min(int(step), self.update_end_step)
+            step = self._configured_stop_step()
+        else:
+            step = min(int(step), self._configured_stop_step())
+        if not self.built:
+            self._pending_controls[0] = int(step)
+            return
         self.update_stop_step.assign(int(step))
+
+    def _configured_stop_step(self):
+        return _NO_END if self.update_end_step is None else (
+            self.update_end_step
+        )
 
     # --------------------------------------------------------------- queries
     def _require_built(self):
@@ -694,16 +702,6 @@ def _check_inner_optimizer(inner):
         raise ValueError(
             "Argument `inner_optimizer` is already built; pass a fresh "
             f"optimizer. Received: inner_optimizer={inner!r}"
-        )
-
-
-def _check_int(name, value, minimum):
-    if isinstance(value, bool) or not isinstance(
-        value, (int, np.integer)
-    ) or value < minimum:
-        raise ValueError(
-            f"Argument `{name}` must be an integer >= {minimum}. "
-            f"Received: {name}={value!r}"
         )
 
 
