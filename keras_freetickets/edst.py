@@ -197,6 +197,10 @@ class EDSTCallback(keras.callbacks.Callback):
             )
         self._steps_per_epoch = (self.params or {}).get("steps")
         os.makedirs(self.member_dir, exist_ok=True)
+        if not self._optimizer.built and self.model.built:
+            # Build now rather than while tracing the first step, so that
+            # the optimizer's state can be read from the first epoch on.
+            self._optimizer.build(self.model.trainable_variables)
 
     def on_epoch_begin(self, epoch, logs=None):
         opt = self._optimizer
