@@ -316,3 +316,9 @@ class EDSTCallback(keras.callbacks.Callback):
             "save_best": self.save_best,
             "save_best_mode": self.save_best_mode,
         }
+
+    @classmethod
+    def from_config(cls, config):
+        """Rebuilds the callback; a custom `learning_rate_plan` is not
+        serialized and falls back to the default plan."""
+        return cls(**config)

@@ -92,10 +92,16 @@ def matches(key, path):
     """Whether an override `key` names the variable at `path`.
 
     A key matches the full variable path (`"sequential/dense/kernel"`), a
-    suffix of it made of whole components (`"dense/kernel"`), or the name of
-    any layer on the path (`"dense"`).
+    suffix of it made of whole components (`"dense/kernel"`), the name of any
+    layer on the path (`"dense"`), or a longer path that ends with the
+    variable's path (a model rebuilt from a file loses its name prefix).
     """
     parts = path.split("/")
     if key == path or path.endswith("/" + key):
+        return True
+    # Keras drops the model's name from variable paths when it rebuilds a
+    # saved model: a key saved as "mlp/dense/kernel" must still name
+    # "dense/kernel".
+    if "/" in path and key.endswith("/" + path):
         return True
     return key in parts[:-1]

@@ -99,9 +99,20 @@ class SparsityMonitor(keras.callbacks.Callback):
             self._writer = tf.summary.create_file_writer(
                 os.path.join(self.log_dir, "sparsity")
             )
+        # tf.summary.scalar needs the tensorboard package, which
+        # tensorflow-cpu does not install; a raw summary tagged for the
+        # scalars plugin reads back the same in TensorBoard.
+        metadata = tf.compat.v1.SummaryMetadata(
+            plugin_data=tf.compat.v1.SummaryMetadata.PluginData(
+                plugin_name="scalars"
+            )
+        )
         with self._writer.as_default():
             for key, value in values.items():
-                tf.summary.scalar(key, value, step=epoch)
+                tf.summary.write(
+                    key, tf.constant(value, tf.float32), step=epoch,
+                    metadata=metadata,
+                )
         self._writer.flush()
 
     def on_train_end(self, logs=None):
@@ -115,6 +126,10 @@ class SparsityMonitor(keras.callbacks.Callback):
             "per_layer": self.per_layer,
             "strict": self.strict,
         }
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
 
 
 def sparsity_summary(model_or_optimizer, print_fn=print):
