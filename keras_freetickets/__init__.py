@@ -21,9 +21,9 @@ _LAZY = {
     "load_member": "keras_freetickets.members",
 }
 _SUBMODULES = (
-    "datasets", "distributions", "dst", "edst", "ensemble", "flops",
-    "members", "metrics", "prunable", "schedules", "sparse_optimizer",
-    "sparsity_monitor",
+    "datasets", "distributed", "distributions", "dst", "edst", "ensemble",
+    "export", "flops", "members", "metrics", "plots", "prunable", "schedules",
+    "sparse_optimizer", "sparsity_monitor",
 )
 
 __all__ = sorted(list(_LAZY) + list(_SUBMODULES))

@@ -194,6 +194,41 @@ class FreeTicketsEnsemble(keras.Model):
             )
         return paths
 
+    def export(self, path, overwrite=False, compact=True, verbose=False):
+        """Writes the ensemble as a self-contained SavedModel for TF Serving.
+
+        Signatures: `serving_default` (input `inputs`, float32
+        `[batch] + input_shape`; outputs `probabilities`, `classes`,
+        `confidence`, `entropy`, `mutual_information`) and `members` (output
+        `member_probabilities`, `[batch, M, C]`). Sparse kernels are stored
+        compact, the write is atomic, and the result loads without Keras or
+        keras_freetickets; see `keras_freetickets.export.export_ensemble`.
+        This replaces `keras.Model.export` for ensembles.
+
+        Args:
+            path: str or path-like. The SavedModel folder, by convention
+                `<base>/<model_name>/<version>` (integer version).
+            overwrite: bool. Whether an existing `path` may be replaced.
+            compact: bool. Whether sparse kernels are stored compact.
+            verbose: bool. Whether to print the endpoints written.
+
+        Returns:
+            The absolute path written, as a string.
+
+        Example:
+
+        ```python
+        ensemble.export("serving/fashion/1")
+        loaded = tf.saved_model.load("serving/fashion/1")
+        loaded.signatures["serving_default"](inputs=tf.zeros([2, 784]))
+        ```
+        """
+        from keras_freetickets import export as export_lib
+
+        return export_lib.export_ensemble(
+            self, path, overwrite=overwrite, compact=compact, verbose=verbose
+        )
+
     @classmethod
     def from_directory(cls, member_dir, output="logits", custom_objects=None, name=None):
         """Builds an ensemble from the member files of a folder.

@@ -1,0 +1,630 @@
+"""Export a `FreeTicketsEnsemble` as one self-contained SavedModel for serving.
+
+`export_ensemble(ensemble, "serving/fashion/1")` (or
+`ensemble.export("serving/fashion/1")`) writes a TensorFlow SavedModel,
+through `keras.export.ExportArchive`, that TF Serving, `saved_model_cli` and
+`tf.saved_model.load` run without Keras or keras_freetickets installed.
+
+Signatures (all tensors are batch-major, so TF Serving's row format and
+request batching work on every output):
+
+- `serving_default`: input `inputs`, float32, shape `[batch] + input_shape`
+  (any batch size, the members' input shape otherwise). Outputs:
+  `probabilities` (float32 `[batch, C]`: the mean of the members' softmax
+  probabilities, as `ensemble.predict`), `classes` (int64 `[batch]`: argmax of
+  `probabilities`), `confidence` (float32 `[batch]`: max of `probabilities`),
+  `entropy` (float32 `[batch]`: predictive entropy of `probabilities` in nats,
+  `-sum p log p`) and `mutual_information` (float32 `[batch]`: `entropy` minus
+  the mean of the members' own entropies, in nats, clipped at 0; the part of
+  the uncertainty due to members disagreeing, 0 when they all agree).
+- `members`: same input; output `member_probabilities`, float32
+  `[batch, M, C]`: member `m`'s probabilities for example `n` at `[n, m]`
+  (note: `ensemble.member_predictions` returns `(M, batch, C)`).
+
+For members with more output axes (`(batch, ..., C)`), the extra axes are
+kept in every output.
+
+Compact storage: the kernels of `Dense` and `Conv1D/2D/3D` layers are stored
+the way member files store them (`keras_freetickets.members`): a packed bitmap
+of their nonzero positions plus the nonzero values, as constants inside the
+graph, about `(1 - S) + 1/32` of the dense bytes. The graph rebuilds the dense
+kernel from them (`tf.where`, `tf.tensor_scatter_nd_update`); its inputs
+being constants, TensorFlow's graph optimizer (Grappler's constant folding, which
+runs when `tf.saved_model.load`, TF Serving or `saved_model_cli` first run the
+signature) folds the rebuild into a dense constant once, so serving runs
+dense kernels at dense speed. Grappler folds constants below 10 MiB only, so a
+larger kernel is cut along its output axis into slices of at most 8 MiB, and
+the layer runs once per slice (outputs concatenated). Biases, normalization
+statistics and every other weight are ordinary variables of the SavedModel. A
+kernel is stored compact only when that is smaller than dense (density below
+31/32 at float32). The measured costs of this choice against dense storage,
+against rebuilding from variables on every call and against sparse matmuls
+are in `benchmarks/storage_and_inference.py`.
+
+Members are Sequential or Functional Keras models, walked layer by layer; a
+supported layer runs from its compact kernel, every other layer (pooling,
+normalization at inference, dropout, reshapes, activations...) runs as
+itself. A subclassed member, or a layer that holds a sparse kernel in a form
+that is not supported (for example `DepthwiseConv2D`), is exported with its
+Keras call and dense weights, and a warning names it.
+
+Bad input is caught in the graph, before any member runs: a tensor whose
+rank or (known) dimensions differ from `[batch] + input_shape` fails with
+`InvalidArgumentError: ... inputs must have shape [batch, 784], got [2, 783]`.
+The dtype is part of the signature: a non-float32 tensor is refused before
+the graph runs (a loaded signature function raises `InvalidArgumentError:
+... input #0(zero-based) was expected to be a float tensor but is a double
+tensor`; TF Serving answers with a similar "Expects arg[0] to be float"
+error). Python floats and numpy arrays of any float dtype passed to a loaded
+signature function are converted to float32 first.
+
+Writes are atomic: the SavedModel is written to a temporary folder beside
+`path` (a hidden, non-numeric name, which TF Serving's version scanner
+ignores) and renamed to `path` once complete; a failure removes it and leaves
+no partial version folder. TF Serving loads `<base>/<model_name>/<version>/`
+with an integer version; another final path component gets a warning.
+"""
+
+import os
+import re
+import shutil
+import tempfile
+import uuid
+import warnings
+
+import keras
+import numpy as np
+import tensorflow as tf
+from keras.src.models.functional import Functional
+
+from keras_freetickets import members as members_lib
+from keras_freetickets import prunable
+
+INPUT_NAME = "inputs"
+"""The name of the serving signatures' single input."""
+
+SERVING_SIGNATURE = "serving_default"
+MEMBERS_SIGNATURE = "members"
+MEMBERS_OUTPUT = "member_probabilities"
+OUTPUT_NAMES = ("probabilities", "classes", "confidence", "entropy", "mutual_information")
+"""The outputs of the `serving_default` signature, in order."""
+
+_KERNEL_MODES = ("rebuild", "rebuild_variables", "sparse_matmul")
+# Grappler does not fold constants of 10 MiB or more: rebuild in pieces below.
+_CHUNK_BYTES = 8 * 1024 * 1024
+# SavedModel protos are limited to 2 GiB; stay well below with the constants.
+_MAX_CONSTANT_BYTES = 1 << 30
+_VERSION = re.compile(r"^\d+$")
+
+
+def export_ensemble(ensemble, path, overwrite=False, compact=True, verbose=False,
+                    _kernel_mode="rebuild"):
+    """Writes an ensemble as a self-contained SavedModel for TF Serving.
+
+    The SavedModel has a `serving_default` signature (input `inputs`, float32,
+    any batch size; outputs `probabilities`, `classes`, `confidence`,
+    `entropy`, `mutual_information`) and a `members` signature (output
+    `member_probabilities`, `[batch, M, C]`); see the module docstring for
+    their exact meaning. It loads with `tf.saved_model.load` in a process that
+    has neither Keras nor keras_freetickets, and serves with TF Serving when
+    `path` is `<base>/<model_name>/<version>`. With `compact=True` sparse
+    `Dense`/`Conv` kernels are stored as a bitmap of nonzeros plus their
+    values (folded back into dense kernels when the graph is first run), so
+    the export costs about `(1 - S) + 1/32` of a dense one; `compact=False`
+    exports the members' own Keras calls with dense variables. The write is
+    atomic (temporary folder beside `path`, then a rename).
+
+    Args:
+        ensemble: A `FreeTicketsEnsemble`.
+        path: str or path-like. The SavedModel folder to create, by
+            convention `<base>/<model_name>/<version>` with an integer
+            version (another name gets a warning). Parent folders are created.
+        overwrite: bool. Whether an existing `path` may be replaced. The old
+            folder is moved aside, the new one renamed into place, then the
+            old one deleted; if the rename fails the old folder is restored.
+        compact: bool. Whether sparse kernels are stored compact (default) or
+            dense.
+        verbose: bool. Whether to print the endpoints written (as
+            `keras.export.ExportArchive.write_out` does).
+
+    Returns:
+        The absolute path written, as a string.
+
+    Raises:
+        FileExistsError: `path` exists and `overwrite` is False.
+
+    Example:
+
+    ```python
+    ensemble.export("serving/fashion/1")
+    loaded = tf.saved_model.load("serving/fashion/1")
+    outputs = loaded.signatures["serving_default"](inputs=tf.zeros([2, 784]))
+    outputs["probabilities"], outputs["entropy"]
+    ```
+    """
+    from keras_freetickets.ensemble import FreeTicketsEnsemble
+
+    if not isinstance(ensemble, FreeTicketsEnsemble):
+        raise ValueError(
+            "Argument `ensemble` must be a `FreeTicketsEnsemble`. Received: "
+            f"ensemble={ensemble!r} of type {type(ensemble).__name__}"
+        )
+    for name, value in (("overwrite", overwrite), ("compact", compact), ("verbose", verbose)):
+        if not isinstance(value, (bool, np.bool_)):
+            raise ValueError(
+                f"Argument `{name}` must be a bool. Received: {name}={value!r}"
+            )
+    if _kernel_mode not in _KERNEL_MODES:
+        raise ValueError(
+            f"Argument `_kernel_mode` must be one of {_KERNEL_MODES}. "
+            f"Received: _kernel_mode={_kernel_mode!r}"
+        )
+    if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
+        raise ValueError(
+            f"Argument `path` must be a non-empty path. Received: path={path!r}"
+        )
+    path = os.path.abspath(os.fspath(path))
+    if os.path.lexists(path) and not overwrite:
+        raise FileExistsError(
+            f"{path} already exists; pass `overwrite=True` to replace it, or "
+            "export to a new version folder."
+        )
+    version = os.path.basename(path)
+    if not _VERSION.match(version):
+        warnings.warn(
+            f"The export folder name '{version}' is not an integer version: "
+            "TF Serving only loads <base>/<model_name>/<version>/ folders with "
+            "integer versions (for example 'serving/fashion/1'). "
+            "`tf.saved_model.load` and `saved_model_cli` work either way.",
+            stacklevel=2,
+        )
+
+    archive = _build_archive(ensemble, compact, _kernel_mode)
+    _write_atomically(archive, path, overwrite, verbose)
+    return path
+
+
+def saved_model_bytes(path):
+    """Total size in bytes of the files under a SavedModel folder."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"No SavedModel folder at {path}")
+    return sum(
+        os.path.getsize(os.path.join(folder, name))
+        for folder, _, names in os.walk(path)
+        for name in names
+    )
+
+
+# ---------------------------------------------------------------------------
+# The graph.
+
+
+def _build_archive(ensemble, compact, kernel_mode):
+    input_shape = tuple(ensemble._member_input_shape[1:])
+    member_output = ensemble.member_output
+    runners = [
+        _MemberRunner(member, index, compact, kernel_mode)
+        for index, member in enumerate(ensemble.members)
+    ]
+    constant_bytes = sum(r.constant_bytes for r in runners)
+    if kernel_mode != "rebuild_variables" and constant_bytes > _MAX_CONSTANT_BYTES:
+        raise ValueError(
+            f"The compact kernels of this ensemble take {constant_bytes} bytes, "
+            "too many to embed in a SavedModel graph (protos are limited to 2 "
+            "GiB). Export with `compact=False`."
+        )
+    _warn_dense_fallbacks(runners)
+
+    member_spec = tf.TensorSpec((None,) + input_shape, tf.float32, name=INPUT_NAME)
+
+    def member_probabilities(inputs):
+        outputs = []
+        for runner in runners:
+            y = tf.cast(runner(inputs), tf.float32)
+            if member_output == "logits":
+                y = tf.nn.softmax(y, axis=-1)
+            outputs.append(y)
+        return tf.stack(outputs, axis=1)
+
+    # One traced function shared by both signatures: its constants are stored
+    # once in the SavedModel's function library.
+    shared = tf.function(
+        member_probabilities, input_signature=[member_spec], autograph=False
+    )
+
+    def checked(inputs):
+        return _check_inputs(inputs, input_shape)
+
+    def serving_default(inputs):
+        stacked = shared(checked(inputs))
+        return _summaries(stacked)
+
+    def members(inputs):
+        return {MEMBERS_OUTPUT: shared(checked(inputs))}
+
+    # Loose spec: any rank and size, so that the in-graph check (not the
+    # signature binding) reports wrong shapes, with a readable message.
+    loose_spec = tf.TensorSpec(None, tf.float32, name=INPUT_NAME)
+    archive = keras.export.ExportArchive()
+    archive.add_endpoint(SERVING_SIGNATURE, serving_default, input_signature=[loose_spec])
+    archive.add_endpoint(MEMBERS_SIGNATURE, members, input_signature=[loose_spec])
+    # Keep the compact variables (if any) alive with the archive.
+    archive._kft_runners = runners
+    return archive
+
+
+def _summaries(stacked):
+    """The `serving_default` outputs from `[batch, M, ...]` member probabilities."""
+    probabilities = tf.reduce_mean(stacked, axis=1)
+    entropy = -tf.reduce_sum(tf.math.xlogy(probabilities, probabilities), axis=-1)
+    member_entropy = -tf.reduce_sum(tf.math.xlogy(stacked, stacked), axis=-1)
+    mutual_information = tf.maximum(
+        entropy - tf.reduce_mean(member_entropy, axis=1), 0.0
+    )
+    return {
+        "probabilities": probabilities,
+        "classes": tf.argmax(probabilities, axis=-1, output_type=tf.int64),
+        "confidence": tf.reduce_max(probabilities, axis=-1),
+        "entropy": entropy,
+        "mutual_information": mutual_information,
+    }
+
+
+def _check_inputs(inputs, input_shape):
+    """Asserts `inputs` has shape `[batch] + input_shape`; returns it shaped."""
+    expected = "[batch, " + ", ".join(
+        "?" if d is None else str(d) for d in input_shape
+    ) + "]"
+    rank = len(input_shape) + 1
+    shape = tf.shape(inputs, out_type=tf.int64)
+    known = [(i + 1, d) for i, d in enumerate(input_shape) if d is not None]
+
+    def dims_match():
+        if not known:
+            return tf.constant(True)
+        axes = tf.constant([a for a, _ in known], tf.int64)
+        want = tf.constant([d for _, d in known], tf.int64)
+        return tf.reduce_all(tf.equal(tf.gather(shape, axes), want))
+
+    ok = tf.cond(
+        tf.equal(tf.size(shape, out_type=tf.int64), rank),
+        dims_match,
+        lambda: tf.constant(False),
+    )
+    got = tf.strings.reduce_join(tf.strings.as_string(shape), separator=", ")
+    message = tf.strings.join(
+        [f"{INPUT_NAME} must have shape {expected}, got [", got, "]"]
+    )
+    check = tf.debugging.Assert(ok, [message], name="check_input_shape")
+    with tf.control_dependencies([check]):
+        inputs = tf.identity(inputs)
+    return tf.ensure_shape(inputs, (None,) + tuple(input_shape))
+
+
+# ---------------------------------------------------------------------------
+# Members.
+
+
+class _CompactKernel:
+    """A sparse kernel as a packed bitmap plus values, and its in-graph rebuild.
+
+    The kernel is cut along its last axis (the output units or filters of
+    `Dense` and `Conv` kernels) into slices of at most `_CHUNK_BYTES` dense
+    bytes: Grappler folds each slice's rebuild into a constant, and the layer
+    runs once per slice and concatenates the outputs. (A rebuilt kernel of 10
+    MiB or more would not be folded, nor would the pieces of a concatenated
+    one: the rebuild would then run on every call.)
+    """
+
+    def __init__(self, value, mode):
+        value = np.ascontiguousarray(value)
+        self.shape = tuple(value.shape)
+        self.dtype = value.dtype
+        self.nonzeros = int(
+            np.count_nonzero(members_lib._nonzero_positions(value.reshape(-1)))
+        )
+        num_slices = min(self.shape[-1], max(1, -(-value.nbytes // _CHUNK_BYTES)))
+        self.slices = []
+        for part in np.array_split(value, num_slices, axis=-1):
+            part = np.ascontiguousarray(part)
+            nonzero = members_lib._nonzero_positions(part.reshape(-1))
+            bitmap = np.packbits(nonzero)
+            values = part.reshape(-1)[nonzero]
+            if mode == "rebuild_variables":
+                bitmap = tf.Variable(bitmap, trainable=False, name="kernel_bitmap")
+                values = tf.Variable(values, trainable=False, name="kernel_values")
+            self.slices.append((part.shape, bitmap, values))
+        self.compact_bytes = sum(
+            int(np.prod(b.shape)) + int(np.prod(v.shape)) * self.dtype.itemsize
+            for _, b, v in self.slices
+        )
+
+    @staticmethod
+    def _positions(bitmap, size):
+        """Flat positions (int64, `[nonzeros, 1]`) of a packed bitmap's ones."""
+        shifts = tf.constant([7, 6, 5, 4, 3, 2, 1, 0], tf.uint8)
+        bits = tf.bitwise.bitwise_and(
+            tf.bitwise.right_shift(tf.expand_dims(bitmap, -1), shifts), 1
+        )
+        bits = tf.reshape(bits, [-1])[:size]
+        return tf.where(tf.not_equal(bits, 0))
+
+    def _tensors(self):
+        for shape, bitmap, values in self.slices:
+            if not isinstance(bitmap, tf.Variable):
+                bitmap, values = tf.constant(bitmap), tf.constant(values)
+            yield shape, bitmap, values
+
+    def dense_slices(self):
+        """The dense kernel slices, rebuilt in the graph."""
+        result = []
+        for shape, bitmap, values in self._tensors():
+            size = int(np.prod(shape))
+            flat = tf.tensor_scatter_nd_update(
+                tf.zeros([size], values.dtype), self._positions(bitmap, size), values
+            )
+            result.append(tf.reshape(flat, shape))
+        return result
+
+    def sparse_slices(self):
+        """The slices of a Dense kernel as `tf.SparseTensor`s `[in, out_i]`."""
+        result = []
+        for (n_in, n_out), bitmap, values in self._tensors():
+            flat = self._positions(bitmap, n_in * n_out)[:, 0]
+            indices = tf.stack([flat // n_out, flat % n_out], axis=1)
+            result.append(tf.SparseTensor(indices, values, [n_in, n_out]))
+        return result
+
+
+def _conv_call_supported(layer):
+    if type(layer).call is keras.layers.Conv2D.call:  # BaseConv.call: Conv2D, Conv3D
+        return True
+    return (
+        type(layer).call is keras.layers.Conv1D.call and layer.padding != "causal"
+    )
+
+
+def _substitutable(layer):
+    """Whether `layer` can run from a compact kernel: 'dense', 'conv' or None."""
+    if getattr(layer, "quantization_mode", None) is not None:
+        return None
+    if getattr(layer, "lora_enabled", False):
+        return None
+    if getattr(layer, "_kernel", None) is None:
+        return None
+    if type(layer).call is keras.layers.Dense.call:
+        return "dense"
+    if isinstance(layer, (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D)):
+        if _conv_call_supported(layer):
+            return "conv"
+    return None
+
+
+def _graph_of(model):
+    """The Functional graph a model runs, or None (subclassed models)."""
+    if isinstance(model, keras.Sequential):
+        if type(model).call is not keras.Sequential.call:
+            return None
+        graph = getattr(model, "_functional", None)
+        return graph if isinstance(graph, Functional) else None
+    if isinstance(model, Functional) and type(model).call is Functional.call:
+        return model
+    return None
+
+
+def _numpy(variable):
+    """A variable's value as a numpy array (through its TF value, which avoids
+    numpy 2's deprecated `__array__` path of Keras variables)."""
+    value = getattr(variable, "value", variable)
+    return np.asarray(tf.convert_to_tensor(value).numpy())
+
+
+def _bitmap_is_smaller(value):
+    size = value.size
+    nonzeros = int(np.count_nonzero(members_lib._nonzero_positions(value.reshape(-1))))
+    return nonzeros * value.dtype.itemsize + (size + 7) // 8 < size * value.dtype.itemsize
+
+
+class _MemberRunner:
+    """Runs one member on a tensor, with its sparse kernels compact.
+
+    Built eagerly (kernels are read into numpy here); called while tracing.
+    """
+
+    def __init__(self, member, index, compact, kernel_mode):
+        self.member = member
+        self.index = index
+        self.kernel_mode = kernel_mode
+        self.kernels = {}  # id(layer) -> _CompactKernel
+        self.dense_fallbacks = []  # readable descriptions
+        self.graph = _graph_of(member) if compact else None
+        if compact and self.graph is None:
+            sparse = [
+                v.path for v in prunable.prunable_variables(member.weights)
+                if _bitmap_is_smaller(_numpy(v))
+            ]
+            if sparse:
+                self.dense_fallbacks.append(
+                    f"member {index} ('{member.name}') is not a Sequential or "
+                    f"Functional model: its sparse kernels {sparse} are stored dense"
+                )
+        if self.graph is not None:
+            self._plan(self.graph)
+
+    @property
+    def constant_bytes(self):
+        return sum(k.compact_bytes for _, k in self.kernels.values())
+
+    def _plan(self, graph):
+        for layer in graph.operations:
+            nested = _graph_of(layer) if isinstance(layer, keras.Model) else None
+            if nested is not None:
+                self._plan(nested)
+                continue
+            if not isinstance(layer, keras.layers.Layer):
+                continue
+            kind = _substitutable(layer)
+            if kind is not None:
+                value = _numpy(layer.kernel)
+                if _bitmap_is_smaller(value):
+                    self.kernels[id(layer)] = (
+                        kind, _CompactKernel(value, self.kernel_mode)
+                    )
+                continue
+            sparse = [
+                v.path for v in prunable.prunable_variables(layer.weights)
+                if _bitmap_is_smaller(_numpy(v))
+            ]
+            if sparse:
+                self.dense_fallbacks.append(
+                    f"member {self.index} ('{self.member.name}'), layer "
+                    f"'{layer.name}' ({type(layer).__name__}) has no compact "
+                    f"implementation: its sparse kernels {sparse} are stored dense"
+                )
+
+    def __call__(self, inputs):
+        if self.graph is None:
+            return self.member(inputs, training=False)
+        return self._run(self.graph, inputs)
+
+    def _run(self, graph, inputs):
+        return graph._run_through_graph(inputs, operation_fn=self._operation_fn)
+
+    def _operation_fn(self, operation):
+        nested = _graph_of(operation) if isinstance(operation, keras.Model) else None
+        if nested is not None and len(nested.inputs) == 1:
+            def call_nested(inputs, *args, **kwargs):
+                return self._run(nested, inputs)
+            return call_nested
+        if id(operation) in self.kernels:
+            kind, kernel = self.kernels[id(operation)]
+            return lambda inputs, *args, **kwargs: self._compact_call(
+                operation, kind, kernel, inputs
+            )
+
+        def call(*args, **kwargs):
+            if "training" in getattr(operation, "_call_context_args", ()):
+                kwargs["training"] = False
+            return operation(*args, **kwargs)
+
+        return call
+
+    def _compact_call(self, layer, kind, kernel, inputs):
+        """`Dense.call` / `BaseConv.call` with the kernel rebuilt from `kernel`."""
+        compute_dtype = layer.compute_dtype
+        inputs = tf.cast(inputs, compute_dtype)
+        if self.kernel_mode == "sparse_matmul" and kind == "dense":
+            flat = tf.reshape(inputs, [-1, kernel.shape[0]])
+            outputs = [
+                tf.sparse.sparse_dense_matmul(
+                    flat,
+                    tf.SparseTensor(
+                        part.indices, tf.cast(part.values, compute_dtype), part.dense_shape
+                    ),
+                )
+                for part in kernel.sparse_slices()
+            ]
+            outputs = outputs[0] if len(outputs) == 1 else tf.concat(outputs, -1)
+            outputs = tf.reshape(
+                outputs, tf.concat([tf.shape(inputs)[:-1], [kernel.shape[-1]]], 0)
+            )
+        else:
+            outputs = []
+            for part in kernel.dense_slices():
+                part = tf.cast(part, compute_dtype)
+                if kind == "dense":
+                    outputs.append(keras.ops.matmul(inputs, part))
+                else:
+                    outputs.append(layer.convolution_op(inputs, part))
+            channel_axis = (
+                1 if kind == "conv" and layer.data_format == "channels_first" else -1
+            )
+            outputs = (
+                outputs[0] if len(outputs) == 1 else tf.concat(outputs, channel_axis)
+            )
+        if getattr(layer, "use_bias", False) and layer.bias is not None:
+            bias = tf.cast(layer.bias, compute_dtype)
+            if kind == "conv" and layer.data_format == "channels_first":
+                bias = tf.reshape(bias, (1, -1) + (1,) * layer.rank)
+            outputs = outputs + bias
+        if layer.activation is not None:
+            outputs = layer.activation(outputs)
+        return outputs
+
+
+def _warn_dense_fallbacks(runners):
+    notes = [note for runner in runners for note in runner.dense_fallbacks]
+    if notes:
+        warnings.warn(
+            "Some sparse kernels are exported dense (the export still runs and "
+            "matches `ensemble.predict`, it is only larger): " + "; ".join(notes),
+            stacklevel=3,
+        )
+
+
+# ---------------------------------------------------------------------------
+# Atomic write.
+
+
+def _write_atomically(archive, path, overwrite, verbose):
+    parent, name = os.path.split(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
+    old = None
+    try:
+        # mkdtemp makes the folder private (0700); a server running as
+        # another user must be able to read it.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)
+        archive.write_out(tmp, verbose=verbose)
+        _fsync_tree(tmp)
+        if os.path.lexists(path):
+            if not overwrite:
+                raise FileExistsError(
+                    f"{path} was created while exporting; pass `overwrite=True` "
+                    "to replace it."
+                )
+            old = os.path.join(parent, f".{name}.old-{uuid.uuid4().hex}")
+            os.rename(path, old)
+        try:
+            os.rename(tmp, path)
+        except OSError:
+            if old is not None:
+                os.rename(old, path)
+                old = None
+            raise
+        _fsync_dir(parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        if os.path.isdir(old) and not os.path.islink(old):
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.remove(old)
+
+
+def _fsync_tree(root):
+    for folder, _, names in os.walk(root):
+        for name in names:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(folder)
+
+
+def _fsync_dir(folder):
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
