@@ -101,6 +101,15 @@ else
   log "pip install -e .[$EXTRAS] (first run downloads TensorFlow; a few minutes)"
   rm -f "$STAMP"
   "$VENV/bin/python" -m pip install --disable-pip-version-check -q -e ".[$EXTRAS]"
+  # tensorflow-serving-api declares a dependency on the full `tensorflow`,
+  # which tensorflow-cpu does not satisfy: install it without dependencies
+  # (it needs only protobuf and grpcio, which TensorFlow brings). The export
+  # tests use its request protos.
+  if [[ ",$EXTRAS," == *",test,"* ]]; then
+    "$VENV/bin/python" -m pip install --disable-pip-version-check -q --no-deps \
+      "tensorflow-serving-api>=2.16" \
+      || echo "[setup] WARNING: tensorflow-serving-api not installed; its tests will skip" >&2
+  fi
   installed_here || { echo "[setup] ERROR: keras_freetickets is not importable from $VENV" >&2; exit 1; }
   echo "$want_stamp" > "$STAMP"
   log "installed keras-freetickets[$EXTRAS] into $VENV"
