@@ -1,10 +1,10 @@
 """`train_dst_ensemble`: M independent sparse runs, each saved as a member."""
 
+import contextlib
 import math
 import os
 
 import keras
-import numpy as np
 
 from keras_freetickets import members as members_lib
 from keras_freetickets._validation import check_int
@@ -34,6 +34,7 @@ def train_dst_ensemble(
     callbacks=None,
     update_end_fraction=0.75,
     verbose="auto",
+    strategy=None,
     **sparse_kwargs,
 ):
     """Trains a DST Ensemble: M sparse runs with distinct seeds.
@@ -72,6 +73,9 @@ def train_dst_ensemble(
         update_end_fraction: float in (0, 1]. Mask updates stop after this
             fraction of each member's steps (when the step count is known).
         verbose: passed to `fit`.
+        strategy: a `tf.distribute.Strategy` or None. Each member's model
+            and optimizer are built in its scope (after the session is
+            cleared, which would drop an enclosing scope).
         **sparse_kwargs: further `SparseOptimizer` arguments (distribution,
             grow, drop_fraction, update_interval, overrides, ...).
 
@@ -135,26 +139,14 @@ def train_dst_ensemble(
         seed = seeds[index]
         keras.backend.clear_session()
         keras.utils.set_random_seed(seed)
-        model = _call_build(build_model, seed)
-        end_step = None
-        if steps is not None:
-            end_step = int(math.floor(update_end_fraction * epochs * steps))
-            start = sparse_kwargs.get(
-                "update_start_step", sparse_kwargs.get("update_interval", 100)
+        scope = strategy.scope() if strategy is not None else (
+            contextlib.nullcontext()
+        )
+        with scope:
+            model, opt = _build_member(
+                build_model, seed, steps, epochs, update_end_fraction,
+                optimizer, sparsity, loss, metrics, sparse_kwargs,
             )
-            end_step = end_step if end_step > start else None
-        opt = SparseOptimizer(
-            optimizer() if optimizer else _default_optimizer(),
-            sparsity=sparsity, seed=seed, update_end_step=end_step,
-            **sparse_kwargs,
-        )
-        model.compile(
-            optimizer=opt,
-            loss=loss or keras.losses.SparseCategoricalCrossentropy(
-                from_logits=True
-            ),
-            metrics=metrics,
-        )
         member_callbacks = callbacks(index) if callable(callbacks) else (
             list(callbacks or [])
         )
@@ -165,7 +157,8 @@ def train_dst_ensemble(
                                 batch_size=batch_size, shuffle=True,
                                 **fit_args)
         else:
-            history = model.fit(train_data, **fit_args)
+            # A dataset brings its own order; Keras' shuffle=True only warns.
+            history = model.fit(train_data, shuffle=False, **fit_args)
         stats = opt.layer_stats()
         members_lib.save_member(model, path, metadata={
             "method": "dst",
@@ -186,6 +179,31 @@ def train_dst_ensemble(
         "trained": trained,
         "histories": histories,
     }
+
+
+def _build_member(build_model, seed, steps, epochs, update_end_fraction,
+                  optimizer, sparsity, loss, metrics, sparse_kwargs):
+    model = _call_build(build_model, seed)
+    end_step = None
+    if steps is not None:
+        end_step = int(math.floor(update_end_fraction * epochs * steps))
+        start = sparse_kwargs.get(
+            "update_start_step", sparse_kwargs.get("update_interval", 100)
+        )
+        end_step = end_step if end_step > start else None
+    opt = SparseOptimizer(
+        optimizer() if optimizer else _default_optimizer(),
+        sparsity=sparsity, seed=seed, update_end_step=end_step,
+        **sparse_kwargs,
+    )
+    model.compile(
+        optimizer=opt,
+        loss=loss or keras.losses.SparseCategoricalCrossentropy(
+            from_logits=True
+        ),
+        metrics=metrics,
+    )
+    return model, opt
 
 
 def missing_members(member_dir, num_members):
@@ -229,5 +247,3 @@ def _steps_per_epoch(train_data, batch_size):
     except (AttributeError, TypeError):
         return None
 
-
-del np

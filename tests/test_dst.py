@@ -133,3 +133,20 @@ def test_bad_arguments(tmp_path, kwargs, error):
     args.update(kwargs)
     with pytest.raises(ValueError, match=error):
         kft.train_dst_ensemble(**args)
+
+
+def test_members_build_inside_a_given_strategy(tmp_path):
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0"])
+    seen = []
+
+    def build():
+        seen.append(tf.distribute.get_strategy() is strategy)
+        return build_model()
+
+    x, y = toy_data(64)
+    result = kft.train_dst_ensemble(build, (x, y), num_members=2,
+                                    member_dir=tmp_path, epochs=1,
+                                    batch_size=32, strategy=strategy,
+                                    verbose=0)
+    assert seen == [True, True]
+    assert result["trained"] == [0, 1]
