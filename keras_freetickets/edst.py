@@ -256,8 +256,12 @@ class EDSTCallback(keras.callbacks.Callback):
 
     # -------------------------------------------------------------- helpers
     def _candidate_path(self, index):
+        # Under multi-worker training every worker writes candidates; each
+        # gets its own file so that they never replace one another's.
+        worker = _worker_suffix()
         return os.path.join(
-            self.member_dir, f".candidate_{index}{members_lib.MEMBER_EXTENSION}"
+            self.member_dir,
+            f".candidate_{index}{worker}{members_lib.MEMBER_EXTENSION}",
         )
 
     def _improves(self, candidate, logs, first_epoch):
@@ -322,3 +326,16 @@ class EDSTCallback(keras.callbacks.Callback):
         """Rebuilds the callback; a custom `learning_rate_plan` is not
         serialized and falls back to the default plan."""
         return cls(**config)
+
+
+def _worker_suffix():
+    import json
+
+    try:
+        config = json.loads(os.environ.get("TF_CONFIG", "") or "{}")
+    except ValueError:
+        return ""
+    task = config.get("task") or {}
+    if not task or len(config.get("cluster", {}).get("worker", [])) < 2:
+        return ""
+    return f".{task.get('type', 'worker')}{task.get('index', 0)}"
