@@ -65,6 +65,10 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 # The checkout's library, unless another copy comes first on PYTHONPATH.
 if str(REPO) not in sys.path:
     sys.path.append(str(REPO))
+if str(REPO / "benchmarks") not in sys.path:
+    sys.path.append(str(REPO / "benchmarks"))
+
+import protocols  # noqa: E402
 
 PROTOCOLS = {
     "mlp": dict(
@@ -263,31 +267,7 @@ def resolve_config(argv_flags):
 
 def build_model(protocol, seed=None, l2=L2):
     """The protocol's model with logits out and L2 on every kernel."""
-    import keras
-
-    if seed is not None:
-        keras.utils.set_random_seed(seed)
-    reg = keras.regularizers.L2(l2)
-    layers = keras.layers
-    if protocol == "mlp":
-        return keras.Sequential([
-            keras.Input((784,)),
-            layers.Dense(300, activation="relu", kernel_regularizer=reg),
-            layers.Dense(100, activation="relu", kernel_regularizer=reg),
-            layers.Dense(10, kernel_regularizer=reg),
-        ], name="fmnist_mlp_v1")
-    return keras.Sequential([
-        keras.Input((28, 28, 1)),
-        layers.Conv2D(32, 3, padding="same", activation="relu",
-                      kernel_regularizer=reg),
-        layers.MaxPooling2D(2),
-        layers.Conv2D(64, 3, padding="same", activation="relu",
-                      kernel_regularizer=reg),
-        layers.MaxPooling2D(2),
-        layers.Flatten(),
-        layers.Dense(128, activation="relu", kernel_regularizer=reg),
-        layers.Dense(10, kernel_regularizer=reg),
-    ], name="fmnist_cnn_v1")
+    return protocols.build_model(protocol, seed=seed, l2=l2)
 
 
 def _epoch_timer(label, epochs):

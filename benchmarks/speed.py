@@ -51,6 +51,10 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 # The checkout's library, unless another copy comes first on PYTHONPATH.
 if str(REPO) not in sys.path:
     sys.path.append(str(REPO))
+if str(REPO / "benchmarks") not in sys.path:
+    sys.path.append(str(REPO / "benchmarks"))
+
+import protocols  # noqa: E402
 
 MODELS = {"mlp": "FMNIST-MLP v1", "cnn": "FMNIST-CNN v1"}
 ARMS = ("dense", "sparse", "update")
@@ -102,35 +106,12 @@ flags.DEFINE_integer("child_steps", 50, "Internal: steps of an RSS run.")
 # ----------------------------------------------------------------- models
 def build_model(name, seed=0):
     """The protocol's model, with L2 5e-4 on every kernel."""
-    import keras
-
-    keras.utils.set_random_seed(seed)
-    reg = keras.regularizers.L2(L2)
-    layers = keras.layers
-    if name == "mlp":
-        return keras.Sequential([
-            keras.Input((784,)),
-            layers.Dense(300, activation="relu", kernel_regularizer=reg),
-            layers.Dense(100, activation="relu", kernel_regularizer=reg),
-            layers.Dense(10, activation="softmax", kernel_regularizer=reg),
-        ], name="fmnist_mlp_v1")
-    if name == "cnn":
-        return keras.Sequential([
-            keras.Input((28, 28, 1)),
-            layers.Conv2D(32, 3, padding="same", activation="relu",
-                          kernel_regularizer=reg),
-            layers.MaxPooling2D(2),
-            layers.Conv2D(64, 3, padding="same", activation="relu",
-                          kernel_regularizer=reg),
-            layers.MaxPooling2D(2),
-            layers.Flatten(),
-            layers.Dense(128, activation="relu", kernel_regularizer=reg),
-            layers.Dense(10, activation="softmax", kernel_regularizer=reg),
-        ], name="fmnist_cnn_v1")
-    raise ValueError(
-        f"Argument `models` must name models in {sorted(MODELS)}. "
-        f"Received: {name!r}"
-    )
+    if name not in MODELS:
+        raise ValueError(
+            f"Argument `models` must name models in {sorted(MODELS)}. "
+            f"Received: {name!r}"
+        )
+    return protocols.build_model(name, seed=seed, l2=L2, softmax=True)
 
 
 def random_batch(name, seed=0):
@@ -386,16 +367,7 @@ def measure_rss(name, jit_compile, steps):
 
 # ----------------------------------------------------------------- report
 def machine_description():
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{os.cpu_count()}-core CPU ({model}), shared with other jobs"
+    return protocols.machine_description()
 
 
 def _fmt(x, digits=2):

@@ -54,6 +54,10 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 # The checkout's library, unless another copy comes first on PYTHONPATH.
 if str(REPO) not in sys.path:
     sys.path.append(str(REPO))
+if str(REPO / "benchmarks") not in sys.path:
+    sys.path.append(str(REPO / "benchmarks"))
+
+import protocols  # noqa: E402
 
 MODELS = {"mlp": "FMNIST-MLP v1", "cnn": "FMNIST-CNN v1"}
 SPARSITIES = (0.8, 0.9)
@@ -86,34 +90,14 @@ flags.DEFINE_bool("quick", False, "A fast smoke run; figures not meaningful.")
 # ----------------------------------------------------------------- models
 def build_model(name, seed):
     """The protocol's model (logits out), random init, biases N(0, 0.1)."""
-    import keras
     import numpy as np
 
-    keras.utils.set_random_seed(seed)
-    layers = keras.layers
-    if name == "mlp":
-        model = keras.Sequential([
-            keras.Input((784,)),
-            layers.Dense(300, activation="relu"),
-            layers.Dense(100, activation="relu"),
-            layers.Dense(10),
-        ], name="fmnist_mlp_v1")
-    elif name == "cnn":
-        model = keras.Sequential([
-            keras.Input((28, 28, 1)),
-            layers.Conv2D(32, 3, padding="same", activation="relu"),
-            layers.MaxPooling2D(2),
-            layers.Conv2D(64, 3, padding="same", activation="relu"),
-            layers.MaxPooling2D(2),
-            layers.Flatten(),
-            layers.Dense(128, activation="relu"),
-            layers.Dense(10),
-        ], name="fmnist_cnn_v1")
-    else:
+    if name not in MODELS:
         raise ValueError(
             f"Argument `models` must name models in {sorted(MODELS)}. "
             f"Received: {name!r}"
         )
+    model = protocols.build_model(name, seed=seed, l2=None)
     rng = np.random.default_rng(seed)
     for variable in model.weights:
         if variable.path.endswith("bias"):
@@ -309,16 +293,7 @@ def measure_serving(name, repeats, calls, work):
 
 # ----------------------------------------------------------------- report
 def machine_description():
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{os.cpu_count()}-core CPU ({model}), shared with other jobs"
+    return protocols.machine_description()
 
 
 def _mark(met):
