@@ -110,10 +110,15 @@ def test_quick_run_density_and_flops(quick_run):
     sparse = [k for k in rows if k.startswith(("dst", "edst", "tfmot"))]
     for key in sparse:
         assert rows[key]["density"] == pytest.approx(0.2, abs=0.01), key
-    # Members saved from the sparse optimizer: nonzeros match the masks.
+    # Members saved from the sparse optimizer: no nonzero outside the masks.
+    # An active weight can still be exactly 0 (regrown on an input pixel that
+    # is 0 in every image, it never receives a gradient), so nonzeros may
+    # fall a hair short of the masks' count, never above it.
     for key in ("dst_ensemble", "edst_ensemble"):
         for member in rows[key]["members"]:
-            assert member["density"] == pytest.approx(member["mask_density"])
+            assert member["density"] <= member["mask_density"] + 1e-12
+            assert member["density"] == pytest.approx(
+                member["mask_density"], abs=1e-3)
     # A sparse run costs less than a dense one of the same length, and the
     # 3-member DST Ensemble costs the sum of its members.
     dst = rows["dst_ensemble"]
