@@ -350,7 +350,8 @@ class SparseOptimizer(keras.optimizers.Optimizer):
                 gradient.indices, gradient.dense_shape,
             )
         else:
-            gradient = tf.where(mask, gradient, tf.zeros_like(gradient))
+            # A scalar zero broadcasts: no full-size zeros tensor per step.
+            gradient = tf.where(mask, gradient, tf.zeros([], gradient.dtype))
         self._inner_update_step(gradient, variable, learning_rate)
         if self._remask:
             variable.assign(tf.where(mask, variable, tf.zeros_like(variable)))
@@ -379,16 +380,28 @@ class SparseOptimizer(keras.optimizers.Optimizer):
         )
 
     def _k_max(self, layer):
-        """Static upper bound on k, so that `top_k` has a static size."""
+        """Static upper bound on k, so that `top_k` has a static size, and
+        whether k always equals it (then the picks need no sorting)."""
         if self._global_exploration or callable(self.drop_fraction_schedule):
-            return layer.num_active
+            return layer.num_active, False
+        if self.drop_fraction_schedule == "constant":
+            # The graph's own float32 arithmetic, so that k == k_max.
+            k = int(np.floor(
+                np.float32(self.drop_fraction) * np.float32(layer.num_active)
+                + np.float32(0.5)
+            ))
+            return min(layer.num_active, k), True
         return min(
             layer.num_active,
             int(math.ceil(self.drop_fraction * layer.num_active)),
-        )
+        ), False
 
     def _prune_and_grow(self, layer, variable, mask, gradient, step, is_global):
-        n, k_max = layer.size, self._k_max(layer)
+        n = layer.size
+        k_max, k_is_static = self._k_max(layer)
+        # With every pick kept, the order of the picks does not matter, and
+        # an unsorted top_k is cheaper.
+        picks_sorted = not k_is_static
         fraction = tf.where(
             is_global,
             self.global_drop_fraction.value,
@@ -403,7 +416,7 @@ class SparseOptimizer(keras.optimizers.Optimizer):
         # Drop: the k active weights of smallest magnitude. Inactive entries
         # score -inf, and k_max <= num_active, so every pick is active.
         drop_score = tf.where(old, -tf.abs(weights), _NEG_INF)
-        _, drop_idx = tf.math.top_k(drop_score, k_max)
+        _, drop_idx = tf.math.top_k(drop_score, k_max, sorted=picks_sorted)
         dropped = _scatter_flags(drop_idx, select, n)
         kept = tf.logical_and(old, tf.logical_not(dropped))
         # Grow: the k best of all weights inactive after the drop (RigL's
@@ -425,7 +438,7 @@ class SparseOptimizer(keras.optimizers.Optimizer):
         else:
             score = tf.cond(is_global, scores[global_grow], scores[self.grow])
         grow_score = tf.where(kept, _NEG_INF, score)
-        _, grow_idx = tf.math.top_k(grow_score, k_max)
+        _, grow_idx = tf.math.top_k(grow_score, k_max, sorted=picks_sorted)
         grown = _scatter_flags(grow_idx, select, n)
         new = tf.logical_or(kept, grown)
 
