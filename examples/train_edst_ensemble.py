@@ -55,7 +55,6 @@ def main(argv):
     import keras
 
     import data
-    import evaluation
     import models
     import training
     import keras_freetickets as kft
@@ -138,24 +137,10 @@ def main(argv):
         print("[edst] done; the chief writes run.json and the results")
         return
 
-    training.write_json(os.path.join(output_dir, "run.json"), {
-        "script": "train_edst_ensemble.py",
-        "flags": training.flag_values(FLAGS, RECORDED_FLAGS),
-        "data": dataset.summary(),
-        "model": FLAGS.model,
-        "replicas": strategy.num_replicas_in_sync,
-        "methods": methods,
-        "train_seconds": time.time() - started,
-    })
-    print(f"[edst] members and run.json written to {output_dir}")
-
-    if FLAGS.evaluate:
-        evaluation.evaluate_runs(
-            [output_dir], output_dir, data_dir=FLAGS.data_dir,
-            eval_examples=FLAGS.eval_examples, batch_size=FLAGS.batch_size,
-            plots=FLAGS.plots,
-        )
-    print(f"[edst] done in {time.time() - started:.0f} s")
+    training.finish_run(
+        "train_edst_ensemble.py", "edst", output_dir, FLAGS, RECORDED_FLAGS, dataset,
+        strategy, methods, started,
+    )
 
 
 if __name__ == "__main__":

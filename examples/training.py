@@ -286,3 +286,27 @@ def _jsonable(value):
 def read_json(path):
     with open(path, encoding="utf-8") as handle:
         return json.load(handle)
+
+
+def finish_run(script, tag, output_dir, flag_values_, recorded_flags, dataset,
+               strategy, methods, started):
+    """Writes run.json, then evaluates the run when --evaluate is set."""
+    import evaluation
+
+    write_json(os.path.join(output_dir, "run.json"), {
+        "script": script,
+        "flags": flag_values(flag_values_, recorded_flags),
+        "data": dataset.summary(),
+        "model": flag_values_.model,
+        "replicas": strategy.num_replicas_in_sync,
+        "methods": methods,
+        "train_seconds": time.time() - started,
+    })
+    print(f"[{tag}] members and run.json written to {output_dir}")
+    if flag_values_.evaluate:
+        evaluation.evaluate_runs(
+            [output_dir], output_dir, data_dir=flag_values_.data_dir,
+            eval_examples=flag_values_.eval_examples,
+            batch_size=flag_values_.batch_size, plots=flag_values_.plots,
+        )
+    print(f"[{tag}] done in {time.time() - started:.0f} s")

@@ -61,3 +61,22 @@ def _clear_keras_session():
     keras = sys.modules.get("keras")
     if keras is not None:
         keras.backend.clear_session()
+
+
+def subprocess_env(intra_op_threads=2):
+    """Environment of a training subprocess: quiet, few threads, CPU only,
+    with this checkout first on the import path."""
+    root = str(pathlib.Path(__file__).resolve().parents[1])
+    env = dict(os.environ)
+    env.update(
+        TF_CPP_MIN_LOG_LEVEL="2",
+        KERAS_BACKEND="tensorflow",
+        CUDA_VISIBLE_DEVICES="",
+        OMP_NUM_THREADS="1",
+        TF_NUM_INTEROP_THREADS="1",
+        TF_NUM_INTRAOP_THREADS=str(intra_op_threads),
+        PYTHONPATH=os.pathsep.join(
+            p for p in (root, env.get("PYTHONPATH")) if p
+        ),
+    )
+    return env

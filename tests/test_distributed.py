@@ -14,29 +14,13 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import subprocess_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "scripts" / "distributed_train.py"
 TIMEOUT_S = 420
 # Mirrors the script's schedule: 200 steps, an update every 10 from step 10.
 STEPS, INTERVAL = 200, 10
-
-
-def subprocess_env():
-    """Environment of a training subprocess: quiet, few threads, CPU only."""
-    env = dict(os.environ)
-    env.update(
-        TF_CPP_MIN_LOG_LEVEL="2",
-        KERAS_BACKEND="tensorflow",
-        CUDA_VISIBLE_DEVICES="",
-        OMP_NUM_THREADS="1",
-        TF_NUM_INTEROP_THREADS="1",
-        TF_NUM_INTRAOP_THREADS="2",
-        PYTHONPATH=os.pathsep.join(
-            p for p in (str(ROOT), env.get("PYTHONPATH")) if p
-        ),
-    )
-    return env
 
 
 def run_script(case, out_path):

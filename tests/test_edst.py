@@ -9,6 +9,7 @@ import sys
 import keras
 import numpy as np
 import pytest
+from conftest import subprocess_env
 
 import keras_freetickets as kft
 from keras_freetickets import members as members_lib
@@ -202,9 +203,7 @@ def test_resume_after_a_crash_gives_the_same_members(tmp_path):
     """BackupAndRestore resume inside the second refinement phase (subprocess:
     op determinism binds the process)."""
     script = ROOT / "tests" / "scripts" / "edst_resume_run.py"
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", OMP_NUM_THREADS="1",
-               TF_NUM_INTRAOP_THREADS="1", TF_NUM_INTEROP_THREADS="1",
-               PYTHONPATH=str(ROOT))
+    env = subprocess_env(intra_op_threads=1)
 
     def run(out, mode):
         return subprocess.run(

@@ -16,6 +16,7 @@ import sys
 import keras
 import numpy as np
 import pytest
+from conftest import subprocess_env
 import tensorflow as tf
 
 import keras_freetickets as kft
@@ -29,22 +30,6 @@ GROWS = ("gradient", "random")
 
 
 # ------------------------------------------- BackupAndRestore (subprocess)
-def subprocess_env():
-    env = dict(os.environ)
-    env.update(
-        TF_CPP_MIN_LOG_LEVEL="2",
-        KERAS_BACKEND="tensorflow",
-        CUDA_VISIBLE_DEVICES="",
-        OMP_NUM_THREADS="1",
-        TF_NUM_INTEROP_THREADS="1",
-        TF_NUM_INTRAOP_THREADS="2",
-        PYTHONPATH=os.pathsep.join(
-            p for p in (str(ROOT), env.get("PYTHONPATH")) if p
-        ),
-    )
-    return env
-
-
 def run_phase(*args):
     return subprocess.run(
         [sys.executable, str(SCRIPT), *map(str, args)],
