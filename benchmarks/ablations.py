@@ -49,7 +49,6 @@ Of `fmnist_table.py`'s flags (defined when it is imported) only `--out`,
 import copy
 import datetime
 import json
-import math
 import os
 import pathlib
 import platform

@@ -21,7 +21,6 @@ results.json, reliability.png, ood_histograms.png, layer_density.png,
 mask_overlap.png, flops_tradeoff.png.
 """
 
-import os
 import time
 
 from absl import flags

@@ -240,8 +240,6 @@ def _steps_per_epoch(train_data, batch_size):
             )
         return int(math.ceil(len(train_data[0]) / batch_size))
     try:
-        import tensorflow as tf
-
         cardinality = int(train_data.cardinality())
         return cardinality if cardinality > 0 else None
     except (AttributeError, TypeError):

@@ -7,7 +7,6 @@ the masks and weights it wrote.
 """
 
 import json
-import os
 import pathlib
 import subprocess
 import sys

@@ -8,7 +8,6 @@ uninterrupted run's bit for bit.
 """
 
 import json
-import os
 import pathlib
 import subprocess
 import sys
