@@ -291,41 +291,13 @@ def _train_dst_same_init(config, data, member_dir):
     (optimizer seed) and data order still differ per member."""
     import keras
 
-    import keras_freetickets as kft
-
-    timers, counters = [], []
-
-    def callbacks(index):
-        timers.append(ft._epoch_timer(f"DST same-init member {index}",
-                                      config["epochs"]))
-        counters.append(ft._counter_callback())
-        return [ft._lr_scheduler(config), timers[-1], counters[-1]]
-
     def build(seed):
         model = ft.build_model("mlp", 0, config["l2"])
         keras.utils.set_random_seed(seed)  # the member's own data order
         return model
 
-    start = time.perf_counter()
-    kft.train_dst_ensemble(
-        build, data.train_dataset(0), num_members=config["num_members"],
-        seeds=config["seeds"], sparsity=config["sparsity"],
-        member_dir=member_dir, epochs=config["epochs"],
-        optimizer=lambda: keras.optimizers.SGD(ft.LEARNING_RATE,
-                                               momentum=ft.MOMENTUM),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        callbacks=callbacks,
-        update_end_fraction=config["update_end_fraction"], verbose=0,
-        distribution=config["distribution"], grow=config["grow"],
-        drop_fraction=config["drop_fraction"],
-        update_interval=config["update_interval"],
-    )
-    wall = time.perf_counter() - start
-    counts = [dict(steps=c.steps, update_steps=c.update_steps)
-              for c in counters]
-    records, overlap = ft._sparse_member_records(config, data, member_dir,
-                                                 counts, timers)
-    return dict(members=records, mask_overlap=overlap, wall_seconds=wall)
+    return ft.train_dst(config, data, member_dir, build=build,
+                        label="DST same-init")
 
 
 def _train_dense_steps(config, data, seed, steps_per_epoch):

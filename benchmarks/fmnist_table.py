@@ -443,8 +443,9 @@ def _counter_callback():
     return Counter()
 
 
-def train_dst(config, data, member_dir):
-    """DST Ensemble through `kft.train_dst_ensemble`."""
+def train_dst(config, data, member_dir, build=None, label="DST"):
+    """DST Ensemble through `kft.train_dst_ensemble`; `build(seed)` replaces
+    the protocol's model builder (the ablations share initial weights)."""
     import keras
 
     import keras_freetickets as kft
@@ -452,13 +453,18 @@ def train_dst(config, data, member_dir):
     timers, counters = [], []
 
     def callbacks(index):
-        timers.append(_epoch_timer(f"DST member {index}", config["epochs"]))
+        timers.append(_epoch_timer(f"{label} member {index}",
+                                   config["epochs"]))
         counters.append(_counter_callback())
         return [_lr_scheduler(config), timers[-1], counters[-1]]
 
+    if build is None:
+        def build(seed):
+            return build_model(config["protocol"], seed, config["l2"])
+
     start = time.perf_counter()
     kft.train_dst_ensemble(
-        lambda seed: build_model(config["protocol"], seed, config["l2"]),
+        build,
         data.train_dataset(0),
         num_members=config["num_members"], seeds=config["seeds"],
         sparsity=config["sparsity"], member_dir=member_dir,
