@@ -136,7 +136,7 @@ def run_worker(config_path):
     timer = Timer()
     history = model.fit(train, epochs=config["epochs"], verbose=0,
                         callbacks=[timer])
-    start, end = opt.update_start_step, opt._configured_stop_step()
+    start, end = opt.update_start_step, opt.schedule.stop_step
     update = [t for s, t in timer.steps if start <= s < end
               and (s - start) % UPDATE_INTERVAL == 0]
     ordinary = [t for s, t in timer.steps[steps_per_epoch:]

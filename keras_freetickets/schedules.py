@@ -7,7 +7,12 @@ inside the compiled train step, so they are written with TensorFlow ops.
 
 import math
 
+import keras
+import numpy as np
 import tensorflow as tf
+
+from keras_freetickets._validation import check_fraction
+from keras_freetickets._validation import check_int
 
 SCHEDULES = ("constant", "cosine")
 
@@ -66,3 +71,127 @@ def get(name_or_callable, drop_fraction, start_step, end_step):
         f"Argument `drop_fraction_schedule` must be one of {list(SCHEDULES)} "
         f"or a callable. Received: drop_fraction_schedule={name_or_callable!r}"
     )
+
+
+_NO_END = 2**62
+
+
+@keras.saving.register_keras_serializable(package="keras_freetickets")
+class UpdateSchedule:
+    """When masks are updated and what fraction of each layer they replace.
+
+    One object for what used to be six optimizer arguments. A local update
+    runs at every step `t` with `start_step <= t < end_step` and
+    `(t - start_step) % update_interval == 0`; it replaces
+    `p_t = decay(t)` of each layer's active weights.
+
+    Args:
+        update_interval: int >= 1. Steps between mask updates.
+        drop_fraction: float in (0, 1]. p, the fraction replaced.
+        decay: "constant", "cosine" (RigL's decay to 0 over the update
+            window; needs an end) or a callable `step -> p_t` traced into
+            the train step (serializable when registered with Keras).
+        start_step: int >= 0 or None. First update step (default:
+            `update_interval`).
+        end_step: int or None. No local update at or after it. Default:
+            75% of `total_steps` when that is given, else no end.
+        total_steps: int or None. Length of training, for the default end.
+
+    Example:
+
+    ```python
+    schedule = kft.schedules.UpdateSchedule(update_interval=100,
+                                            drop_fraction=0.3,
+                                            decay="cosine", total_steps=9000)
+    opt = kft.SparseOptimizer(keras.optimizers.SGD(0.1), schedule=schedule)
+    ```
+    """
+
+    def __init__(self, update_interval=100, drop_fraction=0.5,
+                 decay="constant", start_step=None, end_step=None,
+                 total_steps=None):
+        check_fraction("drop_fraction", drop_fraction)
+        check_int("update_interval", update_interval, minimum=1)
+        if start_step is None:
+            start_step = update_interval
+        check_int("update_start_step", start_step, minimum=0)
+        if total_steps is not None:
+            check_int("total_steps", total_steps, minimum=1)
+        if end_step is None and total_steps is not None:
+            end_step = int(math.floor(0.75 * total_steps + 0.5))
+        if end_step is not None:
+            check_int("update_end_step", end_step, minimum=0)
+            if end_step <= start_step:
+                raise ValueError(
+                    "Argument `update_end_step` must be greater than "
+                    f"`update_start_step` ({start_step}). Received: "
+                    f"update_end_step={end_step}"
+                )
+        self.update_interval = int(update_interval)
+        self.drop_fraction = float(drop_fraction)
+        self.decay = decay
+        self.start_step = int(start_step)
+        self.end_step = None if end_step is None else int(end_step)
+        self.total_steps = total_steps
+        # Raises for unknown names and for "cosine" without an end.
+        self._fraction_fn = get(decay, self.drop_fraction, self.start_step,
+                                self.end_step)
+
+    @property
+    def stop_step(self):
+        """`end_step`, or a step never reached when there is none."""
+        return _NO_END if self.end_step is None else self.end_step
+
+    def is_update_step(self, step, stop_step=None):
+        """Bool tensor: does train step `step` (int64) update the masks?
+
+        `stop_step` (a tensor) may end the window earlier than `end_step`.
+        """
+        stop = self.stop_step if stop_step is None else stop_step
+        in_window = tf.logical_and(step >= self.start_step, step < stop)
+        on_interval = tf.equal(
+            tf.math.floormod(step - self.start_step, self.update_interval), 0
+        )
+        return tf.logical_and(in_window, on_interval)
+
+    def drop_fraction_at(self, step):
+        """Float32 tensor p_t at train step `step`."""
+        return self._fraction_fn(step)
+
+    def k_bound(self, num_active):
+        """(k_max, exact): a static bound on k for a layer of `num_active`
+        weights, and whether k always equals it (then the picks need no
+        sorting)."""
+        if self.decay == "constant":
+            # The graph's own float32 arithmetic, so that k == k_max.
+            k = int(np.floor(np.float32(self.drop_fraction)
+                             * np.float32(num_active) + np.float32(0.5)))
+            return min(num_active, k), True
+        if callable(self.decay):
+            return num_active, False
+        return min(num_active, int(math.ceil(self.drop_fraction * num_active))), False
+
+    def get_config(self):
+        decay = self.decay
+        if callable(decay):
+            decay = keras.saving.serialize_keras_object(decay)
+        return {
+            "update_interval": self.update_interval,
+            "drop_fraction": self.drop_fraction,
+            "decay": decay,
+            "start_step": self.start_step,
+            "end_step": self.end_step,
+            "total_steps": self.total_steps,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        if isinstance(config.get("decay"), dict):
+            config["decay"] = keras.saving.deserialize_keras_object(
+                config["decay"]
+            )
+        return cls(**config)
+
+    def __repr__(self):
+        return f"UpdateSchedule({self.get_config()})"

@@ -7,40 +7,19 @@ import numpy as np
 import tensorflow as tf
 from keras.src.utils import tracking
 
+from keras_freetickets import _inner
 from keras_freetickets import distributions
+from keras_freetickets import masking
 from keras_freetickets import prunable
 from keras_freetickets import schedules
+from keras_freetickets import updaters
 from keras_freetickets._validation import check_fraction
 from keras_freetickets._validation import check_int
 
 GROW_MODES = ("gradient", "random")
-
-# Optimizers whose update keeps a weight at exactly zero when its gradient and
-# all its slots are zero (every term of their update is a product with, or a
-# ratio over, the masked gradient or a slot). For these no re-mask is needed
-# after the inner update. Any other optimizer gets an explicit re-mask.
-_ZERO_PRESERVING = {
-    "SGD", "Adam", "AdamW", "Adamax", "Nadam", "RMSprop", "Lion", "Adagrad",
-    "Adadelta", "Lamb",
-}
-# Optimizers whose per-variable state cannot be masked entry by entry.
-_REFUSED = {
-    "Adafactor": "its second-moment slots are factored into row and column "
-    "statistics, which cannot be reset for single weights",
-    "Muon": "its orthogonalized update mixes all entries of a kernel, so "
-    "inactive weights would not stay at zero",
-    "Ftrl": "its weights are recomputed from accumulators, so inactive "
-    "weights would not stay at zero",
-    "ScheduleFreeAdamW": "it interpolates between weight sequences that the "
-    "masks cannot keep in step",
-    "LossScaleOptimizer": "wrap the SparseOptimizer in the LossScaleOptimizer "
-    "instead (Keras does this itself under a mixed_float16 policy)",
-    "MultiOptimizer": "wrap each of its optimizers instead",
-}
-_NEG_INF = float("-inf")
+# How a global exploration grows: the optimizer's own rule, SET or RigL.
+GLOBAL_GROW_MODES = {None: 0, "random": 1, "gradient": 2}
 _NO_STEP = -1
-_NO_END = 2**62
-
 
 class _SparseLayer:
     """Static facts and state variables of one masked weight."""
@@ -56,6 +35,9 @@ class _SparseLayer:
         self.mask = None
         self.ever_active = None
         self.changed = None
+        self.dropped = None  # weights the last global exploration removed
+        self.k_max = None
+        self.k_exact = None
         self.slots = []  # (slot variable, value it is reset to)
 
 
@@ -90,7 +72,10 @@ class SparseOptimizer(keras.optimizers.Optimizer):
         sparsity: float in [0, 1). Fraction of prunable weights that are zero.
         distribution: "erk", "er", "uniform" or a callable
             `(shapes, sparsity, overrides) -> {path: sparsity}`.
-        grow: "gradient" (RigL) or "random" (SET).
+        grow: how weights are grown: "gradient" (RigL), "random" (SET),
+            another name registered with
+            `keras_freetickets.updaters.register_updater`, or an
+            `keras_freetickets.updaters.Updater` instance.
         drop_fraction: float in (0, 1]. Fraction p of each layer's active
             weights replaced at an update.
         drop_fraction_schedule: "constant", "cosine" (decay to 0 over the
@@ -108,6 +93,14 @@ class SparseOptimizer(keras.optimizers.Optimizer):
             "erk"/"er" so that the global sparsity stays at `sparsity`.
         include_embeddings: bool. Also prune `Embedding` tables.
         seed: int. Seeds the initial masks and random growth.
+        schedule: a `keras_freetickets.schedules.UpdateSchedule`, in place
+            of the six schedule arguments above (`drop_fraction` to
+            `total_steps`), which otherwise build one.
+        global_exploration: bool. Build the state for global explorations
+            (EDST): one more bool per sparse weight recording what the last
+            global exploration removed, and the EDST lever controls, so that
+            EDSTCallback changes nothing in the traced step. EDSTCallback
+            turns it on by itself when the optimizer is not built yet.
         name: str. Name of the optimizer.
 
     Example:
@@ -136,10 +129,12 @@ class SparseOptimizer(keras.optimizers.Optimizer):
         overrides=None,
         include_embeddings=False,
         seed=0,
+        schedule=None,
+        global_exploration=False,
         name=None,
         **kwargs,
     ):
-        _check_inner_optimizer(inner_optimizer)
+        _inner.check_inner_optimizer(inner_optimizer)
         if kwargs:
             raise ValueError(
                 "SparseOptimizer does not take the base optimizer arguments "
@@ -148,33 +143,19 @@ class SparseOptimizer(keras.optimizers.Optimizer):
         check_fraction("sparsity", sparsity, allow_zero=True)
         if not callable(distribution):
             distributions.get(distribution)  # raises on an unknown name
-        if grow not in GROW_MODES:
-            raise ValueError(
-                f"Argument `grow` must be one of {list(GROW_MODES)}. "
-                f"Received: grow={grow!r}"
+        updater = updaters.get(grow)
+        if schedule is None:
+            schedule = schedules.UpdateSchedule(
+                update_interval=update_interval, drop_fraction=drop_fraction,
+                decay=drop_fraction_schedule, start_step=update_start_step,
+                end_step=update_end_step, total_steps=total_steps,
             )
-        check_fraction("drop_fraction", drop_fraction)
-        check_int("update_interval", update_interval, minimum=1)
-        if update_start_step is None:
-            update_start_step = update_interval
-        check_int("update_start_step", update_start_step, minimum=0)
-        if total_steps is not None:
-            check_int("total_steps", total_steps, minimum=1)
-        if update_end_step is None and total_steps is not None:
-            update_end_step = int(math.floor(0.75 * total_steps + 0.5))
-        if update_end_step is not None:
-            check_int("update_end_step", update_end_step, minimum=0)
-            if update_end_step <= update_start_step:
-                raise ValueError(
-                    "Argument `update_end_step` must be greater than "
-                    f"`update_start_step` ({update_start_step}). Received: "
-                    f"update_end_step={update_end_step}"
-                )
-        # Raises for unknown names and for "cosine" without an end.
-        drop_schedule = schedules.get(
-            drop_fraction_schedule, float(drop_fraction),
-            update_start_step, update_end_step,
-        )
+        elif not isinstance(schedule, schedules.UpdateSchedule):
+            raise ValueError(
+                "Argument `schedule` must be a "
+                "keras_freetickets.schedules.UpdateSchedule. Received: "
+                f"schedule={schedule!r}"
+            )
         overrides = dict(overrides or {})
         for key, value in overrides.items():
             if not isinstance(key, str):
@@ -184,32 +165,45 @@ class SparseOptimizer(keras.optimizers.Optimizer):
                 )
             check_fraction(f"overrides[{key!r}]", value, allow_zero=True)
         check_int("seed", seed, minimum=0)
+        if not isinstance(global_exploration, bool):
+            raise ValueError(
+                "Argument `global_exploration` must be True or False. "
+                f"Received: global_exploration={global_exploration!r}"
+            )
 
         super().__init__(learning_rate=0.0, name=name)
-        self._drop_schedule = drop_schedule
         self.inner_optimizer = inner_optimizer
+        self.updater = updater
         self.sparsity = float(sparsity)
         self.distribution = distribution
-        self.grow = grow
-        self.drop_fraction = float(drop_fraction)
-        self.drop_fraction_schedule = drop_fraction_schedule
-        self.update_interval = int(update_interval)
-        self.update_start_step = int(update_start_step)
-        self.update_end_step = update_end_step
-        self.total_steps = total_steps
+        self.grow = grow if isinstance(grow, str) else updaters.name_of(
+            self.updater
+        )
+        self.schedule = schedule
         self.overrides = overrides
         self.include_embeddings = bool(include_embeddings)
         self.seed = int(seed)
-        # Set by EDSTCallback before the train step is traced: global
-        # explorations may drop up to all active weights of a layer.
-        self._global_exploration = False
-        self._global_grow = None
-        self._pending_controls = [
-            self._configured_stop_step(), _NO_STEP, 0.0
-        ]
+        self.global_exploration = global_exploration
+        # Values the control variables start from when the optimizer is
+        # built (callbacks may set them before Keras builds it while tracing
+        # the first train step).
+        self._initial_controls = dict(
+            update_stop_step=self.schedule.stop_step,
+            global_explore_step=_NO_STEP, global_drop_fraction=0.0,
+            global_grow_mode=0, novelty=0.0, local_drop_scale=1.0,
+            exclude_dropped=False,
+        )
         self._sparse_layers = []
         self._dense_prunable = []
         self._layer_of_key = {}
+
+    # The schedule's settings, under the argument names they came from.
+    update_interval = property(lambda self: self.schedule.update_interval)
+    update_start_step = property(lambda self: self.schedule.start_step)
+    update_end_step = property(lambda self: self.schedule.end_step)
+    total_steps = property(lambda self: self.schedule.total_steps)
+    drop_fraction = property(lambda self: self.schedule.drop_fraction)
+    drop_fraction_schedule = property(lambda self: self.schedule.decay)
 
     # ------------------------------------------------------------------ build
     @tracking.no_automatic_dependency_tracking
@@ -239,8 +233,8 @@ class SparseOptimizer(keras.optimizers.Optimizer):
         counts = distributions.resolve_counts(shapes, sparsities)
 
         strategy = self._distribution_strategy
-        slot_owner = _slot_owners(var_list, self.inner_optimizer.variables)
-        reset_values = _slot_reset_values(self.inner_optimizer)
+        slot_owner = _inner.slot_owners(var_list, self.inner_optimizer.variables)
+        reset_values = _inner.slot_reset_values(self.inner_optimizer)
         for variable in candidates:
             size = int(np.prod(variable.shape))
             if counts[variable.path] >= size:
@@ -249,6 +243,9 @@ class SparseOptimizer(keras.optimizers.Optimizer):
             layer = _SparseLayer(
                 len(self._sparse_layers), variable,
                 float(sparsities[variable.path]), counts[variable.path],
+            )
+            layer.k_max, layer.k_exact = self.schedule.k_bound(
+                layer.num_active
             )
             initial = self._initial_mask(layer)
             base = variable.path.replace("/", "_")
@@ -265,6 +262,11 @@ class SparseOptimizer(keras.optimizers.Optimizer):
                 layer.changed = self.add_variable(
                     shape=(), dtype="float32", name=f"{base}_mask_changed",
                 )
+                if self.global_exploration:
+                    layer.dropped = self.add_variable(
+                        shape=layer.shape, dtype="bool",
+                        name=f"{base}_globally_dropped",
+                    )
             for slot in slot_owner.get(id(variable), []):
                 layer.slots.append((slot, reset_values(slot)))
             # Build may run while the first train step is traced: mask the
@@ -282,21 +284,20 @@ class SparseOptimizer(keras.optimizers.Optimizer):
         self.mask_updates = self.add_variable(
             shape=(), dtype="int64", name="mask_updates"
         )
-        # Callbacks may set these before the optimizer is built (Keras
-        # builds it while tracing the first train step).
-        stop_step, explore_step, explore_fraction = self._pending_controls
-        self.update_stop_step = self.add_variable(
-            shape=(), dtype="int64", name="update_stop_step",
-            initializer=keras.initializers.Constant(stop_step),
-        )
-        self.global_explore_step = self.add_variable(
-            shape=(), dtype="int64", name="global_explore_step",
-            initializer=keras.initializers.Constant(explore_step),
-        )
-        self.global_drop_fraction = self.add_variable(
-            shape=(), dtype="float32", name="global_drop_fraction",
-            initializer=keras.initializers.Constant(explore_fraction),
-        )
+        controls = [("update_stop_step", "int64"),
+                    ("global_explore_step", "int64"),
+                    ("global_drop_fraction", "float32")]
+        if self.global_exploration:
+            controls += [("global_grow_mode", "int32"),
+                         ("novelty", "float32"),
+                         ("local_drop_scale", "float32"),
+                         ("exclude_dropped", "bool")]
+        for control, dtype in controls:
+            value = self._initial_controls[control]
+            setattr(self, control, self.add_variable(
+                shape=(), dtype=dtype, name=control,
+                initializer=_constant_initializer(np.array(value, dtype)),
+            ))
         # Route the inner optimizer's per-variable update through the masks.
         self._inner_update_step = type(self.inner_optimizer).update_step.__get__(
             self.inner_optimizer
@@ -305,7 +306,7 @@ class SparseOptimizer(keras.optimizers.Optimizer):
             self.inner_optimizer, "update_step", self._masked_update_step
         )
         self._remask = (
-            type(self.inner_optimizer).__name__ not in _ZERO_PRESERVING
+            type(self.inner_optimizer).__name__ not in _inner.ZERO_PRESERVING
             or any(v.constraint is not None for v in candidates)
         )
         super().build(var_list)
@@ -356,93 +357,99 @@ class SparseOptimizer(keras.optimizers.Optimizer):
         if self._remask:
             variable.assign(tf.where(mask, variable, tf.zeros_like(variable)))
 
-        step = tf.convert_to_tensor(self.inner_optimizer.iterations)
-        step = tf.cast(step, tf.int64)
+        step = tf.cast(
+            tf.convert_to_tensor(self.inner_optimizer.iterations), tf.int64
+        )
         is_global = tf.equal(step, self.global_explore_step.value)
-        is_local = tf.logical_and(
-            tf.logical_and(
-                step >= self.update_start_step,
-                step < self.update_stop_step.value,
-            ),
-            tf.equal(
-                tf.math.floormod(
-                    step - self.update_start_step, self.update_interval
-                ),
-                0,
-            ),
+        is_local = self.schedule.is_update_step(
+            step, self.update_stop_step.value
         )
         tf.cond(
             tf.logical_or(is_global, is_local),
-            lambda: self._prune_and_grow(
+            lambda: self._update_layer(
                 layer, variable, mask, raw_gradient, step, is_global
             ),
             lambda: tf.constant(False),
         )
 
-    def _k_max(self, layer):
-        """Static upper bound on k, so that `top_k` has a static size, and
-        whether k always equals it (then the picks need no sorting)."""
-        if self._global_exploration or callable(self.drop_fraction_schedule):
-            return layer.num_active, False
-        if self.drop_fraction_schedule == "constant":
-            # The graph's own float32 arithmetic, so that k == k_max.
-            k = int(np.floor(
-                np.float32(self.drop_fraction) * np.float32(layer.num_active)
-                + np.float32(0.5)
-            ))
-            return min(layer.num_active, k), True
-        return min(
-            layer.num_active,
-            int(math.ceil(self.drop_fraction * layer.num_active)),
-        ), False
-
-    def _prune_and_grow(self, layer, variable, mask, gradient, step, is_global):
-        n = layer.size
-        k_max, k_is_static = self._k_max(layer)
-        # With every pick kept, the order of the picks does not matter, and
-        # an unsorted top_k is cheaper.
-        picks_sorted = not k_is_static
-        fraction = tf.where(
-            is_global,
-            self.global_drop_fraction.value,
-            self._drop_schedule(step),
+    def _update_layer(self, layer, variable, mask, gradient, step, is_global):
+        """The mask update of one layer, local or global, inside the step."""
+        context = updaters.UpdateContext(
+            seed=self.seed, layer_index=layer.index, step=step, size=layer.size
         )
-        k = tf.cast(tf.floor(fraction * layer.num_active + 0.5), tf.int32)
-        k = tf.minimum(k, k_max)
-        select = tf.range(k_max) < k
-
         weights = tf.reshape(tf.convert_to_tensor(variable), [-1])
-        old = tf.reshape(mask, [-1])
-        # Drop: the k active weights of smallest magnitude. Inactive entries
-        # score -inf, and k_max <= num_active, so every pick is active.
-        drop_score = tf.where(old, -tf.abs(weights), _NEG_INF)
-        _, drop_idx = tf.math.top_k(drop_score, k_max, sorted=picks_sorted)
-        dropped = _scatter_flags(drop_idx, select, n)
-        kept = tf.logical_and(old, tf.logical_not(dropped))
-        # Grow: the k best of all weights inactive after the drop (RigL's
-        # candidates, which include the weights just dropped).
-        def gradient_score():
-            flat = tf.reshape(tf.convert_to_tensor(gradient), [-1])
-            return tf.cast(tf.abs(flat), tf.float32)
+        flat_gradient = tf.reshape(tf.convert_to_tensor(gradient), [-1])
 
-        def random_score():
-            key = tf.stack(
-                [tf.constant(self.seed, tf.int64) * 65537 + layer.index, step]
+        def local_score():
+            return self.updater.grow_score(weights, flat_gradient, context)
+
+        local_fraction = self.schedule.drop_fraction_at(step)
+        if not self.global_exploration:
+            k = tf.minimum(
+                masking.count_for(local_fraction, layer.num_active),
+                layer.k_max,
             )
-            return tf.random.stateless_uniform([n], seed=key, alg="philox")
+            return self._rewire(layer, variable, weights, mask, local_score(),
+                                k, layer.k_max, not layer.k_exact)
 
-        scores = {"gradient": gradient_score, "random": random_score}
-        global_grow = self._global_grow or self.grow
-        if not self._global_exploration or global_grow == self.grow:
-            score = scores[self.grow]()
-        else:
-            score = tf.cond(is_global, scores[global_grow], scores[self.grow])
-        grow_score = tf.where(kept, _NEG_INF, score)
-        _, grow_idx = tf.math.top_k(grow_score, k_max, sorted=picks_sorted)
-        grown = _scatter_flags(grow_idx, select, n)
-        new = tf.logical_or(kept, grown)
+        ever_active = tf.reshape(
+            tf.convert_to_tensor(layer.ever_active.value), [-1]
+        )
+        novelty = self.novelty.value
+        excluded = tf.logical_and(
+            tf.logical_not(is_global),
+            tf.logical_and(self.exclude_dropped.value,
+                           tf.reshape(layer.dropped.value, [-1])),
+        )
+        scale = self.local_drop_scale.value
 
+        def global_score():
+            rules = [local_score, lambda: updaters.SET().grow_score(
+                weights, flat_gradient, context
+            ), lambda: updaters.RigL().grow_score(
+                weights, flat_gradient, context
+            )]
+            return tf.switch_case(
+                tf.convert_to_tensor(self.global_grow_mode.value), rules
+            )
+
+        def any_fraction():
+            # Global explorations and scaled local updates: k up to all
+            # active weights, picks sorted.
+            fraction = tf.where(is_global, self.global_drop_fraction.value,
+                                local_fraction * scale)
+            k = masking.count_for(fraction, layer.num_active)
+            score = tf.cond(is_global, global_score, local_score)
+            return self._rewire(
+                layer, variable, weights, mask,
+                masking.favour_unused(score, ever_active, novelty),
+                k, layer.num_active, True, excluded, is_global,
+            )
+
+        def scheduled_fraction():
+            k = tf.minimum(
+                masking.count_for(local_fraction, layer.num_active),
+                layer.k_max,
+            )
+            return self._rewire(
+                layer, variable, weights, mask,
+                masking.favour_unused(local_score(), ever_active, novelty),
+                k, layer.k_max, not layer.k_exact, excluded,
+            )
+
+        return tf.cond(
+            tf.logical_or(is_global, tf.not_equal(scale, 1.0)),
+            any_fraction, scheduled_fraction,
+        )
+
+    def _rewire(self, layer, variable, weights, mask, grow_score, k, k_max,
+                picks_sorted, blocked=None, is_global=None):
+        """Applies one drop-and-grow to a layer's kernel, mask and slots."""
         shape = layer.shape
+        old = tf.reshape(mask, [-1])
+        new, kept, _ = masking.prune_and_grow(
+            weights, old, grow_score, k, k_max, picks_sorted, blocked
+        )
         variable.assign(
             tf.reshape(tf.where(kept, weights, tf.zeros_like(weights)), shape)
         )
@@ -459,6 +466,16 @@ class SparseOptimizer(keras.optimizers.Optimizer):
             tf.logical_or(tf.convert_to_tensor(layer.ever_active.value),
                           new_shaped)
         )
+        if is_global is not None:
+            # Record what a global exploration removed (for the return rate
+            # and the EDST exclusion lever); local updates leave it alone.
+            removed = tf.reshape(
+                tf.logical_and(old, tf.logical_not(new)), shape
+            )
+            layer.dropped.value.assign(
+                tf.where(is_global, removed,
+                         tf.convert_to_tensor(layer.dropped.value))
+            )
         activated = tf.reduce_sum(
             tf.cast(tf.logical_and(new, tf.logical_not(old)), tf.float32)
         )
@@ -469,24 +486,56 @@ class SparseOptimizer(keras.optimizers.Optimizer):
 
     # ------------------------------------------------------ global exploration
     def enable_global_exploration(self, grow=None):
-        """Lets `schedule_global_exploration` drop any fraction of weights.
+        """Turns on global explorations, or sets how they grow.
 
-        Must be called before the train step is traced (EDSTCallback does it
-        in `set_model`). Returns True when this changed the traced program.
+        Global explorations need their state built in, so this works on an
+        optimizer that is not built yet, or that was made with
+        `global_exploration=True`; then it only sets `grow` and the traced
+        step stays as it is.
 
         Args:
-            grow: "gradient", "random" or None (the optimizer's `grow`): how
-                global explorations regrow weights.
+            grow: "gradient", "random" or None (the optimizer's own rule):
+                how global explorations regrow weights.
         """
-        if grow is not None and grow not in GROW_MODES:
+        if grow not in GLOBAL_GROW_MODES:
             raise ValueError(
-                f"Argument `grow` must be one of {list(GROW_MODES)}. "
+                f"Argument `grow` must be one of {list(GLOBAL_GROW_MODES)}. "
                 f"Received: grow={grow!r}"
             )
-        changed = not self._global_exploration or grow != self._global_grow
-        self._global_exploration = True
-        self._global_grow = grow
-        return changed
+        if not self.global_exploration:
+            if self.built:
+                raise ValueError(
+                    "This SparseOptimizer was built without global "
+                    "exploration. Construct it with "
+                    "`global_exploration=True` (EDSTCallback needs it when "
+                    "the optimizer is built before fit starts, for example "
+                    "under a tf.distribute strategy)."
+                )
+            self.global_exploration = True
+        self.set_controls(global_grow_mode=GLOBAL_GROW_MODES[grow])
+
+    def set_controls(self, **values):
+        """Sets control variables now, or their initial values before build.
+
+        Names: update_stop_step, global_explore_step, global_drop_fraction,
+        and with global exploration global_grow_mode, novelty,
+        local_drop_scale, exclude_dropped.
+        """
+        for control, value in values.items():
+            if control not in self._initial_controls:
+                raise ValueError(
+                    f"Unknown control {control!r}. Known: "
+                    f"{sorted(self._initial_controls)}"
+                )
+            if not self.built:
+                self._initial_controls[control] = value
+            elif not hasattr(self, control):
+                raise ValueError(
+                    f"Control {control!r} needs a SparseOptimizer built with "
+                    "global_exploration=True."
+                )
+            else:
+                getattr(self, control).assign(value)
 
     def schedule_global_exploration(self, step, drop_fraction):
         """Makes the train step numbered `step` a global exploration.
@@ -496,37 +545,48 @@ class SparseOptimizer(keras.optimizers.Optimizer):
         local update schedule says.
         """
         check_fraction("drop_fraction", drop_fraction)
-        if drop_fraction > self.drop_fraction and not self._global_exploration:
+        if drop_fraction > self.drop_fraction and not self.global_exploration:
             raise ValueError(
-                "Call enable_global_exploration() before the train step is "
-                "traced to drop more than `drop_fraction` "
-                f"({self.drop_fraction}). Received: drop_fraction="
-                f"{drop_fraction}"
+                "Construct the SparseOptimizer with global_exploration=True "
+                "(or call enable_global_exploration() before it is built) to "
+                f"drop more than `drop_fraction` ({self.drop_fraction}). "
+                f"Received: drop_fraction={drop_fraction}"
             )
-        if not self.built:
-            self._pending_controls[1:] = [int(step), float(drop_fraction)]
-            return
-        self.global_explore_step.assign(int(step))
-        self.global_drop_fraction.assign(float(drop_fraction))
+        self.set_controls(global_explore_step=int(step),
+                          global_drop_fraction=float(drop_fraction))
 
     def set_update_stop_step(self, step):
         """Pauses local mask updates from train step `step` on.
 
         `None` restores the configured `update_end_step`.
         """
-        if step is None:
-            step = self._configured_stop_step()
-        else:
-            step = min(int(step), self._configured_stop_step())
-        if not self.built:
-            self._pending_controls[0] = int(step)
-            return
-        self.update_stop_step.assign(int(step))
+        end = self.schedule.stop_step
+        step = end if step is None else min(int(step), end)
+        self.set_controls(update_stop_step=int(step))
 
-    def _configured_stop_step(self):
-        return _NO_END if self.update_end_step is None else (
-            self.update_end_step
-        )
+    def return_rates(self):
+        """How much of the last global exploration has been undone.
+
+        Returns None before any global exploration, else
+        `{"overall": r, "layers": {path: r_l}}`, where r_l is the fraction of
+        the weights that the last global exploration removed from layer l
+        which are active again now, and r pools all layers.
+        """
+        self._require_built()
+        layers, back_total, removed_total = {}, 0, 0
+        for layer in self._sparse_layers:
+            if layer.dropped is None:
+                continue
+            removed = layer.dropped.numpy()
+            count = int(np.count_nonzero(removed))
+            if count:
+                back = int(np.count_nonzero(removed & layer.mask.numpy()))
+                layers[layer.path] = back / count
+                back_total += back
+                removed_total += count
+        if not removed_total:
+            return None
+        return {"overall": back_total / removed_total, "layers": layers}
 
     # --------------------------------------------------------------- queries
     def _require_built(self):
@@ -641,6 +701,7 @@ class SparseOptimizer(keras.optimizers.Optimizer):
     # --------------------------------------------------------- serialization
     def get_config(self):
         serialize = keras.saving.serialize_keras_object
+        schedule = self.schedule.get_config()
         return {
             "name": self.name,
             "inner_optimizer": serialize(self.inner_optimizer),
@@ -649,20 +710,17 @@ class SparseOptimizer(keras.optimizers.Optimizer):
                 serialize(self.distribution) if callable(self.distribution)
                 else self.distribution
             ),
-            "grow": self.grow,
-            "drop_fraction": self.drop_fraction,
-            "drop_fraction_schedule": (
-                serialize(self.drop_fraction_schedule)
-                if callable(self.drop_fraction_schedule)
-                else self.drop_fraction_schedule
-            ),
-            "update_interval": self.update_interval,
-            "update_start_step": self.update_start_step,
-            "update_end_step": self.update_end_step,
-            "total_steps": self.total_steps,
+            "grow": self.grow if self.grow else serialize(self.updater),
+            "drop_fraction": schedule["drop_fraction"],
+            "drop_fraction_schedule": schedule["decay"],
+            "update_interval": schedule["update_interval"],
+            "update_start_step": schedule["start_step"],
+            "update_end_step": schedule["end_step"],
+            "total_steps": schedule["total_steps"],
             "overrides": dict(self.overrides),
             "include_embeddings": self.include_embeddings,
             "seed": self.seed,
+            "global_exploration": self.global_exploration,
         }
 
     @classmethod
@@ -672,50 +730,12 @@ class SparseOptimizer(keras.optimizers.Optimizer):
         config["inner_optimizer"] = deserialize(
             config["inner_optimizer"], custom_objects=custom_objects
         )
-        for key in ("distribution", "drop_fraction_schedule"):
+        for key in ("distribution", "drop_fraction_schedule", "grow"):
             if isinstance(config.get(key), dict):
                 config[key] = deserialize(
                     config[key], custom_objects=custom_objects
                 )
         return cls(**config)
-
-
-def _check_inner_optimizer(inner):
-    if not isinstance(inner, keras.optimizers.Optimizer):
-        raise ValueError(
-            "Argument `inner_optimizer` must be a Keras 3 optimizer "
-            "(an instance of `keras.optimizers.Optimizer`). Received: "
-            f"inner_optimizer={inner!r} of type {type(inner).__name__}"
-        )
-    for cls in type(inner).__mro__:
-        if cls.__name__ in _REFUSED:
-            raise ValueError(
-                f"SparseOptimizer cannot wrap {type(inner).__name__}: "
-                f"{_REFUSED[cls.__name__]}. Received: inner_optimizer={inner!r}"
-            )
-    if isinstance(inner, SparseOptimizer):
-        raise ValueError(
-            "Argument `inner_optimizer` is already a SparseOptimizer. "
-            f"Received: inner_optimizer={inner!r}"
-        )
-    if inner.use_ema:
-        raise ValueError(
-            "SparseOptimizer cannot wrap an optimizer with `use_ema=True`: "
-            "the moving averages of pruned weights would not stay at zero. "
-            "Received: use_ema=True"
-        )
-    if inner.gradient_accumulation_steps:
-        raise ValueError(
-            "SparseOptimizer cannot wrap an optimizer with "
-            "`gradient_accumulation_steps`: mask updates must see the "
-            "gradient of one step. Received: gradient_accumulation_steps="
-            f"{inner.gradient_accumulation_steps}"
-        )
-    if inner.built:
-        raise ValueError(
-            "Argument `inner_optimizer` is already built; pass a fresh "
-            f"optimizer. Received: inner_optimizer={inner!r}"
-        )
 
 
 def _constant_initializer(array):
@@ -724,43 +744,3 @@ def _constant_initializer(array):
         return tf.constant(array)
 
     return initializer
-
-
-def _scatter_flags(indices, flags, size):
-    counts = tf.scatter_nd(
-        tf.expand_dims(indices, 1), tf.cast(flags, tf.int32), [size]
-    )
-    return counts > 0
-
-
-def _slot_owners(var_list, optimizer_variables):
-    """Maps id(model variable) -> its inner-optimizer slots, by slot name.
-
-    Keras names a slot `<variable path with '_'>_<slot name>`; where two
-    prefixes match, the longest wins.
-    """
-    prefixes = sorted(
-        ((v.path.replace("/", "_") + "_", v) for v in var_list),
-        key=lambda item: -len(item[0]),
-    )
-    owners = {}
-    for slot in optimizer_variables:
-        for prefix, variable in prefixes:
-            if slot.name.startswith(prefix) and tuple(slot.shape) == tuple(
-                variable.shape
-            ):
-                owners.setdefault(id(variable), []).append(slot)
-                break
-    return owners
-
-
-def _slot_reset_values(inner):
-    """Value a slot is reset to for a regrown weight (Adagrad's is not 0)."""
-    name = type(inner).__name__
-
-    def reset_value(slot):
-        if name == "Adagrad" and slot.name.endswith("_accumulator"):
-            return float(inner.initial_accumulator_value)
-        return 0.0
-
-    return reset_value

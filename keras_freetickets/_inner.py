@@ -1,0 +1,97 @@
+"""Which inner optimizers `SparseOptimizer` can wrap, and their slots."""
+
+import keras
+
+# Optimizers whose update keeps a weight at exactly zero when its gradient and
+# all its slots are zero (every term of their update is a product with, or a
+# ratio over, the masked gradient or a slot). For these no re-mask is needed
+# after the inner update. Any other optimizer gets an explicit re-mask.
+ZERO_PRESERVING = {
+    "SGD", "Adam", "AdamW", "Adamax", "Nadam", "RMSprop", "Lion", "Adagrad",
+    "Adadelta", "Lamb",
+}
+# Optimizers whose per-variable state cannot be masked entry by entry.
+REFUSED = {
+    "Adafactor": "its second-moment slots are factored into row and column "
+    "statistics, which cannot be reset for single weights",
+    "Muon": "its orthogonalized update mixes all entries of a kernel, so "
+    "inactive weights would not stay at zero",
+    "Ftrl": "its weights are recomputed from accumulators, so inactive "
+    "weights would not stay at zero",
+    "ScheduleFreeAdamW": "it interpolates between weight sequences that the "
+    "masks cannot keep in step",
+    "LossScaleOptimizer": "wrap the SparseOptimizer in the LossScaleOptimizer "
+    "instead (Keras does this itself under a mixed_float16 policy)",
+    "MultiOptimizer": "wrap each of its optimizers instead",
+}
+
+
+def check_inner_optimizer(inner):
+    if not isinstance(inner, keras.optimizers.Optimizer):
+        raise ValueError(
+            "Argument `inner_optimizer` must be a Keras 3 optimizer "
+            "(an instance of `keras.optimizers.Optimizer`). Received: "
+            f"inner_optimizer={inner!r} of type {type(inner).__name__}"
+        )
+    for cls in type(inner).__mro__:
+        if cls.__name__ in REFUSED:
+            raise ValueError(
+                f"SparseOptimizer cannot wrap {type(inner).__name__}: "
+                f"{REFUSED[cls.__name__]}. Received: inner_optimizer={inner!r}"
+            )
+    if type(inner).__name__ == "SparseOptimizer":
+        raise ValueError(
+            "Argument `inner_optimizer` is already a SparseOptimizer. "
+            f"Received: inner_optimizer={inner!r}"
+        )
+    if inner.use_ema:
+        raise ValueError(
+            "SparseOptimizer cannot wrap an optimizer with `use_ema=True`: "
+            "the moving averages of pruned weights would not stay at zero. "
+            "Received: use_ema=True"
+        )
+    if inner.gradient_accumulation_steps:
+        raise ValueError(
+            "SparseOptimizer cannot wrap an optimizer with "
+            "`gradient_accumulation_steps`: mask updates must see the "
+            "gradient of one step. Received: gradient_accumulation_steps="
+            f"{inner.gradient_accumulation_steps}"
+        )
+    if inner.built:
+        raise ValueError(
+            "Argument `inner_optimizer` is already built; pass a fresh "
+            f"optimizer. Received: inner_optimizer={inner!r}"
+        )
+
+
+def slot_owners(var_list, optimizer_variables):
+    """Maps id(model variable) -> its inner-optimizer slots, by slot name.
+
+    Keras names a slot `<variable path with '_'>_<slot name>`; where two
+    prefixes match, the longest wins.
+    """
+    prefixes = sorted(
+        ((v.path.replace("/", "_") + "_", v) for v in var_list),
+        key=lambda item: -len(item[0]),
+    )
+    owners = {}
+    for slot in optimizer_variables:
+        for prefix, variable in prefixes:
+            if slot.name.startswith(prefix) and tuple(slot.shape) == tuple(
+                variable.shape
+            ):
+                owners.setdefault(id(variable), []).append(slot)
+                break
+    return owners
+
+
+def slot_reset_values(inner):
+    """Value a slot is reset to for a regrown weight (Adagrad's is not 0)."""
+    name = type(inner).__name__
+
+    def reset_value(slot):
+        if name == "Adagrad" and slot.name.endswith("_accumulator"):
+            return float(inner.initial_accumulator_value)
+        return 0.0
+
+    return reset_value

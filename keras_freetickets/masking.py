@@ -1,0 +1,86 @@
+"""Mask arithmetic of one prune-and-grow update, as pure TensorFlow functions.
+
+No Keras here: the functions take flat tensors and return flat tensors, so
+they can be tested on their own and traced into any train step. Every shape
+is static (`top_k` with a fixed maximum k, then a comparison with
+`range(k_max)`), so XLA compiles the update once.
+"""
+
+import tensorflow as tf
+
+NEG_INF = float("-inf")
+# Grow score of a candidate that is allowed but not wanted (blocked): below
+# every finite score, above the -inf of the weights that stay active, so a
+# blocked weight is grown only when no other candidate is left and the
+# layer's active count stays exact.
+_BLOCKED_OFFSET = 1e30
+
+
+def scatter_flags(indices, flags, size):
+    """A [size] bool tensor, True at `indices` where `flags` is True."""
+    counts = tf.scatter_nd(
+        tf.expand_dims(indices, 1), tf.cast(flags, tf.int32), [size]
+    )
+    return counts > 0
+
+
+def pick_largest(score, k, k_max, picks_sorted=True):
+    """Flags of the `k` largest entries of a flat `score` (`k <= k_max`).
+
+    `k_max` is a Python int; `k` may be a tensor. Ties go to the lower
+    index, as in `tf.math.top_k`. With `picks_sorted=False` the caller
+    promises `k == k_max`, and the cheaper unsorted `top_k` is used.
+    """
+    size = score.shape[0]
+    _, index = tf.math.top_k(score, k_max, sorted=picks_sorted)
+    return scatter_flags(index, tf.range(k_max) < k, size)
+
+
+def drop_flags(weights, mask, k, k_max, picks_sorted=True):
+    """The `k` active weights of smallest magnitude (inactive ones never)."""
+    score = tf.where(mask, -tf.abs(weights), NEG_INF)
+    return pick_largest(score, k, k_max, picks_sorted)
+
+
+def grow_flags(grow_score, kept, k, k_max, picks_sorted=True, blocked=None):
+    """The `k` best-scoring weights among those not in `kept`.
+
+    Candidates are all weights outside `kept`, the ones just dropped too
+    (RigL's rule). Weights in `blocked` are grown only when fewer than `k`
+    other candidates remain, so the count stays exact.
+    """
+    score = tf.cast(grow_score, tf.float32)
+    if blocked is not None:
+        score = tf.where(blocked, score - _BLOCKED_OFFSET, score)
+    score = tf.where(kept, NEG_INF, score)
+    return pick_largest(score, k, k_max, picks_sorted)
+
+
+def favour_unused(grow_score, ever_active, novelty):
+    """Multiplies the grow score of never-active weights by `1 + novelty`.
+
+    Scores are non-negative (gradient magnitudes, uniform draws), so
+    `novelty = 0` changes nothing and a large `novelty` grows unused weights
+    first.
+    """
+    score = tf.cast(grow_score, tf.float32)
+    return tf.where(ever_active, score, score * (1.0 + novelty))
+
+
+def count_for(fraction, num_active):
+    """k = round(fraction * num_active) in float32, as an int32 tensor."""
+    fraction = tf.cast(fraction, tf.float32)
+    return tf.cast(tf.floor(fraction * float(num_active) + 0.5), tf.int32)
+
+
+def prune_and_grow(weights, mask, grow_score, k, k_max, picks_sorted=True,
+                   blocked=None):
+    """One update of a flat layer: returns (new mask, kept, dropped).
+
+    Drops the `k` smallest-magnitude active weights, then grows the `k`
+    best-scoring weights that are inactive after the drop (see `grow_flags`).
+    """
+    dropped = drop_flags(weights, mask, k, k_max, picks_sorted)
+    kept = tf.logical_and(mask, tf.logical_not(dropped))
+    grown = grow_flags(grow_score, kept, k, k_max, picks_sorted, blocked)
+    return tf.logical_or(kept, grown), kept, dropped
