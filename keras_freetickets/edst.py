@@ -1,9 +1,11 @@
 """`EDSTCallback`: an EDST ensemble (Liu et al., 2022) in one `model.fit`."""
 
+import math
 import os
 import warnings
 
 import keras
+import numpy as np
 
 from keras_freetickets import members as members_lib
 from keras_freetickets._validation import check_fraction
@@ -11,15 +13,44 @@ from keras_freetickets._validation import check_int
 from keras_freetickets.sparsity_monitor import find_sparse_optimizer
 
 
-def default_learning_rate_plan(phase, epoch_in_phase, phase_epochs):
-    """The paper code's plan, as a factor of the base learning rate.
+LEARNING_RATE_PLANS = ("official", "step", "cosine")
+# Factor of the base rate at the start of each refinement phase, per plan.
+_DEFAULT_HEIGHT = {"official": 0.1, "step": 1.0, "cosine": 1.0}
+REFINEMENT_DECAYS = ("constant", "cosine")
 
-    Phase 0 (exploration) runs at the base rate; each refinement phase runs at
-    1/10 of it for its first half and 1/100 for its second half.
+
+def learning_rate_factor(plan, phase, epoch_in_phase, phase_epochs,
+                         height=None):
+    """Factor of the base learning rate for one epoch of an EDST run.
+
+    Phase 0 (exploration) runs at the base rate under every plan. In a
+    refinement phase of E epochs, with h = `height` (the factor the phase
+    restarts at):
+
+    - "official" (the paper's code; h = 0.1): h for the first half, h / 10
+      for the second;
+    - "step" (h = 1): h for the first half, h / 10 to three quarters, h / 100
+      after;
+    - "cosine" (h = 1; snapshot ensembles' cyclic rate, per epoch):
+      h * (1 + cos(pi * e / E)) / 2 at epoch e of the phase.
     """
     if phase == 0:
         return 1.0
-    return 0.1 if epoch_in_phase < phase_epochs / 2.0 else 0.01
+    h = _DEFAULT_HEIGHT[plan] if height is None else float(height)
+    e, span = epoch_in_phase, float(phase_epochs)
+    if plan == "official":
+        return h if e < span / 2.0 else h / 10.0
+    if plan == "step":
+        if e < span / 2.0:
+            return h
+        return h / 10.0 if e < 0.75 * span else h / 100.0
+    return h * 0.5 * (1.0 + math.cos(math.pi * e / span))
+
+
+def default_learning_rate_plan(phase, epoch_in_phase, phase_epochs):
+    """The paper code's plan ("official"), as a factor of the base rate."""
+    return learning_rate_factor("official", phase, epoch_in_phase,
+                                phase_epochs)
 
 
 @keras.saving.register_keras_serializable(package="keras_freetickets")
@@ -56,9 +87,27 @@ class EDSTCallback(keras.callbacks.Callback):
             are large), which leaves members close to each other.
         base_learning_rate: float or None. Rate of the exploration phase;
             default: the optimizer's learning rate when training starts.
-        learning_rate_plan: callable `(phase, epoch_in_phase, phase_epochs)
-            -> factor` of the base rate, phase 0 being exploration. Default:
-            `default_learning_rate_plan`.
+        learning_rate_plan: the shape of each refinement phase's rate:
+            "official" (the paper's code: 1/10 of the base rate, then
+            1/100), "step" (restart at the base rate, /10 at half, /100 at
+            three quarters), "cosine" (restart at the base rate, cosine decay
+            per epoch, as in snapshot ensembles), or a callable
+            `(phase, epoch_in_phase, phase_epochs) -> factor` of the base
+            rate, phase 0 being exploration (a callable is not serialized:
+            `get_config` refuses it). See `learning_rate_factor`.
+        restart_height: float > 0 or None. Factor of the base rate that each
+            refinement phase restarts at (the height of the restart);
+            default: the plan's own (0.1 "official", 1.0 otherwise).
+        exclude_dropped: bool. Keep the weights that a global exploration
+            removed out of local regrowth for the rest of that phase, so the
+            run cannot grow its way back to the previous member.
+        novelty: float >= 0. During refinement phases, multiply the grow
+            score of weights that were never active by `1 + novelty`, biasing
+            growth toward connections no earlier member used (0: off).
+        refinement_drop_fraction: float in (0, 1] or None. Local drop
+            fraction p inside refinement phases (default: the optimizer's).
+        refinement_drop_decay: "constant" or "cosine": decay of that local
+            drop fraction over each refinement phase, per epoch.
         quiet_steps: int or None. Steps without local mask updates before
             each member is saved. Default: the optimizer's `update_interval`.
         save_best: str or None. A metric in the epoch logs (for example
@@ -89,6 +138,11 @@ class EDSTCallback(keras.callbacks.Callback):
         quiet_steps=None,
         save_best=None,
         save_best_mode="min",
+        restart_height=None,
+        exclude_dropped=False,
+        novelty=0.0,
+        refinement_drop_fraction=None,
+        refinement_drop_decay="constant",
     ):
         super().__init__()
         check_int("num_members", num_members, 1)
@@ -121,12 +175,46 @@ class EDSTCallback(keras.callbacks.Callback):
                 "Argument `global_grow` must be 'random', 'gradient' or None. "
                 f"Received: global_grow={global_grow!r}"
             )
+        learning_rate_plan = learning_rate_plan or "official"
+        if not callable(learning_rate_plan) and (
+            learning_rate_plan not in LEARNING_RATE_PLANS
+        ):
+            raise ValueError(
+                "Argument `learning_rate_plan` must be one of "
+                f"{list(LEARNING_RATE_PLANS)} or a callable. Received: "
+                f"learning_rate_plan={learning_rate_plan!r}"
+            )
+        if restart_height is not None:
+            _check_positive("restart_height", restart_height)
+        if not isinstance(exclude_dropped, (bool, np.bool_)):
+            raise ValueError(
+                "Argument `exclude_dropped` must be True or False. "
+                f"Received: exclude_dropped={exclude_dropped!r}"
+            )
+        _check_positive("novelty", novelty, allow_zero=True)
+        if refinement_drop_fraction is not None:
+            check_fraction("refinement_drop_fraction",
+                           refinement_drop_fraction)
+        if refinement_drop_decay not in REFINEMENT_DECAYS:
+            raise ValueError(
+                "Argument `refinement_drop_decay` must be one of "
+                f"{list(REFINEMENT_DECAYS)}. Received: "
+                f"refinement_drop_decay={refinement_drop_decay!r}"
+            )
         self.member_dir = os.fspath(member_dir)
         self.global_grow = global_grow
         self.base_learning_rate = base_learning_rate
-        self.learning_rate_plan = learning_rate_plan or (
-            default_learning_rate_plan
+        self.learning_rate_plan = learning_rate_plan
+        self.restart_height = (
+            None if restart_height is None else float(restart_height)
         )
+        self.exclude_dropped = bool(exclude_dropped)
+        self.novelty = float(novelty)
+        self.refinement_drop_fraction = (
+            None if refinement_drop_fraction is None
+            else float(refinement_drop_fraction)
+        )
+        self.refinement_drop_decay = refinement_drop_decay
         self.quiet_steps = quiet_steps
         self.save_best = save_best
         self.save_best_mode = save_best_mode
@@ -169,11 +257,8 @@ class EDSTCallback(keras.callbacks.Callback):
                 "inner optimizer needs a float learning rate. Received: "
                 f"learning_rate={opt.inner_optimizer._learning_rate!r}"
             )
-        if (
-            opt.enable_global_exploration(grow=self.global_grow)
-            and getattr(model, "train_function", None) is not None
-        ):
-            model.train_function = None  # retrace with the global branch
+        # Raises when the optimizer was built without the state for it.
+        opt.enable_global_exploration(grow=self.global_grow)
         self._optimizer = opt
         if self.base_learning_rate is None:
             self.base_learning_rate = float(
@@ -209,12 +294,14 @@ class EDSTCallback(keras.callbacks.Callback):
         phase_epochs = (
             self.exploration_epochs if phase == 0 else self.refinement_epochs
         )
-        factor = self.learning_rate_plan(phase, in_phase, phase_epochs)
+        factor = self._plan_factor(phase, in_phase, phase_epochs)
         opt.learning_rate = float(self.base_learning_rate * factor)
         step = int(keras.ops.convert_to_numpy(opt.iterations))
         if phase >= 2 and in_phase == 0:
             opt.schedule_global_exploration(step, self.global_drop_fraction)
-        if phase == 0 or epoch >= self.total_epochs:
+        refining = phase > 0 and epoch < self.total_epochs
+        opt.set_controls(**self._lever_controls(refining, in_phase))
+        if not refining:
             opt.set_update_stop_step(None)
             return
         epochs_left = phase_epochs - in_phase
@@ -236,6 +323,12 @@ class EDSTCallback(keras.callbacks.Callback):
         if phase == 0 or epoch >= self.total_epochs:
             return
         index = phase - 1
+        if index > 0 and logs is not None:
+            # How far the run has grown back to the previous member (History
+            # and a TensorBoard callback listed after this one record it).
+            rates = self._optimizer.return_rates()
+            if rates:
+                logs["edst/return_rate"] = rates["overall"]
         last = in_phase == self.refinement_epochs - 1
         metadata = self._metadata(index, epoch, logs)
         if self.save_best:
@@ -255,6 +348,28 @@ class EDSTCallback(keras.callbacks.Callback):
             )
 
     # -------------------------------------------------------------- helpers
+    def _plan_factor(self, phase, in_phase, phase_epochs):
+        if callable(self.learning_rate_plan):
+            return self.learning_rate_plan(phase, in_phase, phase_epochs)
+        return learning_rate_factor(self.learning_rate_plan, phase, in_phase,
+                                    phase_epochs, self.restart_height)
+
+    def _lever_controls(self, refining, in_phase):
+        """The optimizer's lever controls for an epoch (off outside the
+        refinement phases)."""
+        scale = 1.0
+        if refining and self.refinement_drop_fraction is not None:
+            fraction = self.refinement_drop_fraction
+            if self.refinement_drop_decay == "cosine":
+                fraction *= 0.5 * (1.0 + math.cos(
+                    math.pi * in_phase / self.refinement_epochs))
+            scale = fraction / self._optimizer.drop_fraction
+        return dict(
+            novelty=self.novelty if refining else 0.0,
+            exclude_dropped=self.exclude_dropped and refining,
+            local_drop_scale=float(scale),
+        )
+
     def _candidate_path(self, index):
         # Under multi-worker training every worker writes candidates; each
         # gets its own file so that they never replace one another's.
@@ -290,7 +405,12 @@ class EDSTCallback(keras.callbacks.Callback):
             "density": active / total,
             "global_drop_fraction": self.global_drop_fraction,
             "seed": opt.seed,
+            "levers": self._lever_config(),
         }
+        rates = opt.return_rates() if index > 0 else None
+        if rates:
+            metadata["return_rate"] = rates["overall"]
+            metadata["return_rate_per_layer"] = rates["layers"]
         if self.save_best and logs and self.save_best in logs:
             metadata["monitor"] = float(logs[self.save_best])
             metadata["monitor_name"] = self.save_best
@@ -307,8 +427,31 @@ class EDSTCallback(keras.callbacks.Callback):
                     "members are saved before the backup."
                 )
 
-    def get_config(self):
+    def _lever_config(self):
         return {
+            "learning_rate_plan": (
+                "custom" if callable(self.learning_rate_plan)
+                else self.learning_rate_plan
+            ),
+            "restart_height": self.restart_height,
+            "global_grow": self.global_grow,
+            "global_drop_fraction": self.global_drop_fraction,
+            "exclude_dropped": self.exclude_dropped,
+            "novelty": self.novelty,
+            "refinement_drop_fraction": self.refinement_drop_fraction,
+            "refinement_drop_decay": self.refinement_drop_decay,
+        }
+
+    def get_config(self):
+        if callable(self.learning_rate_plan):
+            raise ValueError(
+                "EDSTCallback cannot serialize a callable "
+                "`learning_rate_plan`; use one of "
+                f"{list(LEARNING_RATE_PLANS)} with `restart_height`. "
+                f"Received: learning_rate_plan={self.learning_rate_plan!r}"
+            )
+        return {
+            **self._lever_config(),
             "num_members": self.num_members,
             "exploration_epochs": self.exploration_epochs,
             "refinement_epochs": self.refinement_epochs,
@@ -323,9 +466,19 @@ class EDSTCallback(keras.callbacks.Callback):
 
     @classmethod
     def from_config(cls, config):
-        """Rebuilds the callback; a custom `learning_rate_plan` is not
-        serialized and falls back to the default plan."""
         return cls(**config)
+
+
+def _check_positive(name, value, allow_zero=False):
+    ok = isinstance(value, (int, float, np.integer, np.floating)) and not (
+        isinstance(value, bool)
+    ) and (value >= 0 if allow_zero else value > 0) and math.isfinite(value)
+    if not ok:
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(
+            f"Argument `{name}` must be a finite number {bound}. "
+            f"Received: {name}={value!r}"
+        )
 
 
 def _worker_suffix():
