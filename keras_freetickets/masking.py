@@ -9,11 +9,6 @@ is static (`top_k` with a fixed maximum k, then a comparison with
 import tensorflow as tf
 
 NEG_INF = float("-inf")
-# Grow score of a candidate that is allowed but not wanted (blocked): below
-# every finite score, above the -inf of the weights that stay active, so a
-# blocked weight is grown only when no other candidate is left and the
-# layer's active count stays exact.
-_BLOCKED_OFFSET = 1e30
 
 
 def scatter_flags(indices, flags, size):
@@ -47,11 +42,13 @@ def grow_flags(grow_score, kept, k, k_max, picks_sorted=True, blocked=None):
 
     Candidates are all weights outside `kept`, the ones just dropped too
     (RigL's rule). Weights in `blocked` are grown only when fewer than `k`
-    other candidates remain, so the count stays exact.
+    other candidates remain (so the count stays exact), in their own score
+    order: scores are non-negative, and a blocked score s becomes
+    -1 / (1 + s), below every allowed score and above the -inf of `kept`.
     """
     score = tf.cast(grow_score, tf.float32)
     if blocked is not None:
-        score = tf.where(blocked, score - _BLOCKED_OFFSET, score)
+        score = tf.where(blocked, -1.0 / (1.0 + score), score)
     score = tf.where(kept, NEG_INF, score)
     return pick_largest(score, k, k_max, picks_sorted)
 

@@ -1,0 +1,90 @@
+"""Tests of keras_freetickets.masking: the pure-TF mask arithmetic."""
+
+import math
+
+import numpy as np
+import tensorflow as tf
+from hypothesis import given, settings, strategies as st
+
+from keras_freetickets import masking
+
+SETTINGS = dict(deadline=None, max_examples=25, derandomize=True)
+
+
+def reference(weights, mask, score, k, blocked=None):
+    """Numpy drop-and-grow from the definition (ties to the lower index)."""
+    active = np.flatnonzero(mask)
+    order = active[np.argsort(np.abs(weights[active]), kind="stable")]
+    kept = mask.copy()
+    kept[order[:k]] = False
+    candidates = np.flatnonzero(~kept)
+    if blocked is None:
+        blocked = np.zeros_like(mask)
+    # Unblocked candidates first, each group by descending score.
+    key = np.lexsort((-score[candidates], blocked[candidates]))
+    new = kept.copy()
+    new[candidates[key[:k]]] = True
+    return new, kept
+
+
+@settings(**SETTINGS)
+@given(size=st.integers(4, 300), density=st.floats(0.05, 0.9),
+       fraction=st.floats(0.0, 1.0), block=st.floats(0.0, 1.0),
+       seed=st.integers(0, 1000), ties=st.booleans())
+def test_prune_and_grow_matches_reference(size, density, fraction, block,
+                                          seed, ties):
+    rng = np.random.default_rng(seed)
+    active = max(1, int(density * size))
+    mask = np.zeros(size, bool)
+    mask[rng.permutation(size)[:active]] = True
+    weights = np.where(mask, rng.normal(size=size), 0).astype(np.float32)
+    score = rng.random(size).astype(np.float32)
+    if ties:  # many exact ties in both rankings
+        weights = np.round(weights, 0)
+        score = np.round(score, 1)
+    blocked = rng.random(size) < block
+    k = int(math.floor(fraction * active + 0.5))
+    new, kept, dropped = masking.prune_and_grow(
+        tf.constant(weights), tf.constant(mask), tf.constant(score),
+        tf.constant(k), active, True, tf.constant(blocked))
+    ref_new, ref_kept = reference(weights, mask, score, k, blocked)
+    np.testing.assert_array_equal(kept.numpy(), ref_kept)
+    np.testing.assert_array_equal(new.numpy(), ref_new)
+    assert int(new.numpy().sum()) == active  # exact count, blocked or not
+    np.testing.assert_array_equal(dropped.numpy(), mask & ~ref_kept)
+
+
+def test_blocked_weights_grow_only_when_nothing_else_is_left():
+    mask = np.array([1, 1, 0, 0, 0, 0], bool)
+    weights = np.array([0.1, 2.0, 0, 0, 0, 0], np.float32)
+    score = np.array([9, 9, 8, 7, 1, 1], np.float32)
+    blocked = np.array([0, 0, 1, 1, 0, 0], bool)
+    new, _, _ = masking.prune_and_grow(weights, mask, score, 1, 1, True,
+                                       blocked)
+    # Without the block, index 0 (score 9, just dropped) would come back.
+    np.testing.assert_array_equal(new.numpy(), [1, 1, 0, 0, 0, 0])
+    new, _, _ = masking.prune_and_grow(weights, mask, score, 1, 1, True,
+                                       np.array([1, 0, 1, 1, 0, 0], bool))
+    np.testing.assert_array_equal(new.numpy(), [0, 1, 0, 0, 1, 0])
+    everything = np.array([1, 1, 1, 1, 1, 1], bool)
+    new, _, _ = masking.prune_and_grow(weights, mask, score, 1, 1, True,
+                                       everything)
+    assert int(new.numpy().sum()) == 2  # still exact when all are blocked
+
+
+def test_favour_unused_multiplies_only_never_active_scores():
+    score = tf.constant([1.0, 2.0, 3.0])
+    ever = tf.constant([True, False, True])
+    np.testing.assert_array_equal(
+        masking.favour_unused(score, ever, 0.0).numpy(), [1.0, 2.0, 3.0])
+    np.testing.assert_array_equal(
+        masking.favour_unused(score, ever, 4.0).numpy(), [1.0, 10.0, 3.0])
+
+
+def test_unsorted_picks_equal_sorted_when_all_are_kept():
+    rng = np.random.default_rng(0)
+    score = tf.constant(rng.random(1000).astype(np.float32))
+    a = masking.pick_largest(score, 37, 37, picks_sorted=False)
+    b = masking.pick_largest(score, 37, 37, picks_sorted=True)
+    np.testing.assert_array_equal(a.numpy(), b.numpy())
+    assert int(a.numpy().sum()) == 37
