@@ -1,15 +1,15 @@
 """`SparseOptimizer`: dynamic sparse training (RigL / SET) as a Keras 3 optimizer."""
 
-import math
-
 import keras
 import numpy as np
 import tensorflow as tf
 from keras.src.utils import tracking
 
 from keras_freetickets import _inner
+from keras_freetickets import _rewiring
+from keras_freetickets._controls import ExplorationControls
+from keras_freetickets._queries import SparseStateQueries
 from keras_freetickets import distributions
-from keras_freetickets import masking
 from keras_freetickets import prunable
 from keras_freetickets import schedules
 from keras_freetickets import updaters
@@ -17,8 +17,6 @@ from keras_freetickets._validation import check_fraction
 from keras_freetickets._validation import check_int
 
 GROW_MODES = ("gradient", "random")
-# How a global exploration grows: the optimizer's own rule, SET or RigL.
-GLOBAL_GROW_MODES = {None: 0, "random": 1, "gradient": 2}
 _NO_STEP = -1
 
 class _SparseLayer:
@@ -42,7 +40,9 @@ class _SparseLayer:
 
 
 @keras.saving.register_keras_serializable(package="keras_freetickets")
-class SparseOptimizer(keras.optimizers.Optimizer):
+class SparseOptimizer(
+    SparseStateQueries, ExplorationControls, keras.optimizers.Optimizer
+):
     """Keeps a network sparse from its first step and rewires it while it trains.
 
     `SparseOptimizer` wraps a Keras 3 optimizer. When it is built, every
@@ -366,309 +366,11 @@ class SparseOptimizer(keras.optimizers.Optimizer):
         )
         tf.cond(
             tf.logical_or(is_global, is_local),
-            lambda: self._update_layer(
-                layer, variable, mask, raw_gradient, step, is_global
+            lambda: _rewiring.update_layer(
+                self, layer, variable, mask, raw_gradient, step, is_global
             ),
             lambda: tf.constant(False),
         )
-
-    def _update_layer(self, layer, variable, mask, gradient, step, is_global):
-        """The mask update of one layer, local or global, inside the step."""
-        context = updaters.UpdateContext(
-            seed=self.seed, layer_index=layer.index, step=step, size=layer.size
-        )
-        weights = tf.reshape(tf.convert_to_tensor(variable), [-1])
-        flat_gradient = tf.reshape(tf.convert_to_tensor(gradient), [-1])
-
-        def local_score():
-            return self.updater.grow_score(weights, flat_gradient, context)
-
-        local_fraction = self.schedule.drop_fraction_at(step)
-        if not self.global_exploration:
-            k = tf.minimum(
-                masking.count_for(local_fraction, layer.num_active),
-                layer.k_max,
-            )
-            return self._rewire(layer, variable, weights, mask, local_score(),
-                                k, layer.k_max, not layer.k_exact)
-
-        ever_active = tf.reshape(
-            tf.convert_to_tensor(layer.ever_active.value), [-1]
-        )
-        novelty = self.novelty.value
-        excluded = tf.logical_and(
-            tf.logical_not(is_global),
-            tf.logical_and(self.exclude_dropped.value,
-                           tf.reshape(layer.dropped.value, [-1])),
-        )
-        scale = self.local_drop_scale.value
-
-        def global_score():
-            rules = [local_score, lambda: updaters.SET().grow_score(
-                weights, flat_gradient, context
-            ), lambda: updaters.RigL().grow_score(
-                weights, flat_gradient, context
-            )]
-            return tf.switch_case(
-                tf.convert_to_tensor(self.global_grow_mode.value), rules
-            )
-
-        def any_fraction():
-            # Global explorations and scaled local updates: k up to all
-            # active weights, picks sorted.
-            fraction = tf.where(is_global, self.global_drop_fraction.value,
-                                local_fraction * scale)
-            k = masking.count_for(fraction, layer.num_active)
-            score = tf.cond(is_global, global_score, local_score)
-            return self._rewire(
-                layer, variable, weights, mask,
-                masking.favour_unused(score, ever_active, novelty),
-                k, layer.num_active, True, excluded, is_global,
-            )
-
-        def scheduled_fraction():
-            k = tf.minimum(
-                masking.count_for(local_fraction, layer.num_active),
-                layer.k_max,
-            )
-            return self._rewire(
-                layer, variable, weights, mask,
-                masking.favour_unused(local_score(), ever_active, novelty),
-                k, layer.k_max, not layer.k_exact, excluded,
-            )
-
-        return tf.cond(
-            tf.logical_or(is_global, tf.not_equal(scale, 1.0)),
-            any_fraction, scheduled_fraction,
-        )
-
-    def _rewire(self, layer, variable, weights, mask, grow_score, k, k_max,
-                picks_sorted, blocked=None, is_global=None):
-        """Applies one drop-and-grow to a layer's kernel, mask and slots."""
-        shape = layer.shape
-        old = tf.reshape(mask, [-1])
-        new, kept, _ = masking.prune_and_grow(
-            weights, old, grow_score, k, k_max, picks_sorted, blocked
-        )
-        variable.assign(
-            tf.reshape(tf.where(kept, weights, tf.zeros_like(weights)), shape)
-        )
-        kept_shaped = tf.reshape(kept, shape)
-        for slot, reset in layer.slots:
-            slot_value = tf.convert_to_tensor(slot.value)
-            slot.value.assign(
-                tf.where(kept_shaped, slot_value,
-                         tf.fill(shape, tf.cast(reset, slot_value.dtype)))
-            )
-        new_shaped = tf.reshape(new, shape)
-        layer.mask.value.assign(new_shaped)
-        layer.ever_active.value.assign(
-            tf.logical_or(tf.convert_to_tensor(layer.ever_active.value),
-                          new_shaped)
-        )
-        if is_global is not None:
-            # Record what a global exploration removed (for the return rate
-            # and the EDST exclusion lever); local updates leave it alone.
-            removed = tf.reshape(
-                tf.logical_and(old, tf.logical_not(new)), shape
-            )
-            layer.dropped.value.assign(
-                tf.where(is_global, removed,
-                         tf.convert_to_tensor(layer.dropped.value))
-            )
-        activated = tf.reduce_sum(
-            tf.cast(tf.logical_and(new, tf.logical_not(old)), tf.float32)
-        )
-        layer.changed.value.assign(activated / float(layer.num_active))
-        if layer.index == 0:
-            self.mask_updates.value.assign_add(1)
-        return tf.constant(True)
-
-    # ------------------------------------------------------ global exploration
-    def enable_global_exploration(self, grow=None):
-        """Turns on global explorations, or sets how they grow.
-
-        Global explorations need their state built in, so this works on an
-        optimizer that is not built yet, or that was made with
-        `global_exploration=True`; then it only sets `grow` and the traced
-        step stays as it is.
-
-        Args:
-            grow: "gradient", "random" or None (the optimizer's own rule):
-                how global explorations regrow weights.
-        """
-        if grow not in GLOBAL_GROW_MODES:
-            raise ValueError(
-                f"Argument `grow` must be one of {list(GLOBAL_GROW_MODES)}. "
-                f"Received: grow={grow!r}"
-            )
-        if not self.global_exploration:
-            if self.built:
-                raise ValueError(
-                    "This SparseOptimizer was built without global "
-                    "exploration. Construct it with "
-                    "`global_exploration=True` (EDSTCallback needs it when "
-                    "the optimizer is built before fit starts, for example "
-                    "under a tf.distribute strategy)."
-                )
-            self.global_exploration = True
-        self.set_controls(global_grow_mode=GLOBAL_GROW_MODES[grow])
-
-    def set_controls(self, **values):
-        """Sets control variables now, or their initial values before build.
-
-        Names: update_stop_step, global_explore_step, global_drop_fraction,
-        and with global exploration global_grow_mode, novelty,
-        local_drop_scale, exclude_dropped.
-        """
-        for control, value in values.items():
-            if control not in self._initial_controls:
-                raise ValueError(
-                    f"Unknown control {control!r}. Known: "
-                    f"{sorted(self._initial_controls)}"
-                )
-            if not self.built:
-                self._initial_controls[control] = value
-            elif not hasattr(self, control):
-                raise ValueError(
-                    f"Control {control!r} needs a SparseOptimizer built with "
-                    "global_exploration=True."
-                )
-            else:
-                getattr(self, control).assign(value)
-
-    def schedule_global_exploration(self, step, drop_fraction):
-        """Makes the train step numbered `step` a global exploration.
-
-        At that step every sparse layer drops `drop_fraction` of its active
-        weights by magnitude and grows as many (by `grow`), whatever the
-        local update schedule says.
-        """
-        check_fraction("drop_fraction", drop_fraction)
-        if drop_fraction > self.drop_fraction and not self.global_exploration:
-            raise ValueError(
-                "Construct the SparseOptimizer with global_exploration=True "
-                "(or call enable_global_exploration() before it is built) to "
-                f"drop more than `drop_fraction` ({self.drop_fraction}). "
-                f"Received: drop_fraction={drop_fraction}"
-            )
-        self.set_controls(global_explore_step=int(step),
-                          global_drop_fraction=float(drop_fraction))
-
-    def set_update_stop_step(self, step):
-        """Pauses local mask updates from train step `step` on.
-
-        `None` restores the configured `update_end_step`.
-        """
-        end = self.schedule.stop_step
-        step = end if step is None else min(int(step), end)
-        self.set_controls(update_stop_step=int(step))
-
-    def return_rates(self):
-        """How much of the last global exploration has been undone.
-
-        Returns None before any global exploration, else
-        `{"overall": r, "layers": {path: r_l}}`, where r_l is the fraction of
-        the weights that the last global exploration removed from layer l
-        which are active again now, and r pools all layers.
-        """
-        self._require_built()
-        layers, back_total, removed_total = {}, 0, 0
-        for layer in self._sparse_layers:
-            if layer.dropped is None:
-                continue
-            removed = layer.dropped.numpy()
-            count = int(np.count_nonzero(removed))
-            if count:
-                back = int(np.count_nonzero(removed & layer.mask.numpy()))
-                layers[layer.path] = back / count
-                back_total += back
-                removed_total += count
-        if not removed_total:
-            return None
-        return {"overall": back_total / removed_total, "layers": layers}
-
-    # --------------------------------------------------------------- queries
-    def _require_built(self):
-        if not self.built:
-            raise ValueError(
-                "The SparseOptimizer is not built yet: call "
-                "`optimizer.build(model.trainable_variables)` or train first."
-            )
-
-    @property
-    def sparse_layers(self):
-        return list(self._sparse_layers)
-
-    def get_masks(self):
-        """Returns {variable path: 0/1 float32 array} for every prunable weight.
-
-        Weights that the distribution left dense get an all-ones mask.
-        """
-        self._require_built()
-        masks = {}
-        for variable in self._dense_prunable:
-            masks[variable.path] = np.ones(variable.shape, np.float32)
-        for layer in self._sparse_layers:
-            masks[layer.path] = layer.mask.numpy().astype(np.float32)
-        return masks
-
-    def layer_stats(self):
-        """Per prunable weight: shape, density, active, total, mask changed at
-        the last update, and fraction of weights ever activated."""
-        self._require_built()
-        stats = []
-        for variable in self._dense_prunable:
-            size = int(np.prod(variable.shape))
-            stats.append(dict(
-                path=variable.path, shape=tuple(variable.shape), density=1.0,
-                active=size, total=size, target_active=size,
-                mask_changed=0.0, ever_active=1.0,
-            ))
-        for layer in self._sparse_layers:
-            active = int(np.count_nonzero(layer.mask.numpy()))
-            stats.append(dict(
-                path=layer.path, shape=layer.shape,
-                density=active / layer.size, active=active, total=layer.size,
-                target_active=layer.num_active,
-                mask_changed=float(layer.changed.numpy()),
-                ever_active=float(
-                    np.count_nonzero(layer.ever_active.numpy()) / layer.size
-                ),
-            ))
-        order = {v.path: i for i, v in enumerate(self._trainable_variables)}
-        return sorted(stats, key=lambda s: order.get(s["path"], 0))
-
-    def check_invariants(self):
-        """Returns a list of violated mask invariants (empty when all hold).
-
-        Each sparse layer must hold exactly its target number of active
-        weights, and every weight outside its mask must be exactly 0.
-        """
-        self._require_built()
-        problems = []
-        for layer in self._sparse_layers:
-            mask = layer.mask.numpy()
-            active = int(np.count_nonzero(mask))
-            if active != layer.num_active:
-                problems.append(
-                    f"{layer.path}: {active} active weights, expected "
-                    f"{layer.num_active}"
-                )
-            outside = int(np.count_nonzero(layer.variable.numpy()[~mask]))
-            if outside:
-                problems.append(
-                    f"{layer.path}: {outside} nonzero weights outside the mask"
-                )
-        return problems
-
-    def state_bytes(self):
-        """Bytes of the wrapper's own state (masks, records, counters)."""
-        self._require_built()
-        return int(sum(
-            np.prod(v.shape) * np.dtype(v.dtype).itemsize
-            for v in self._variables
-        ))
 
     # ------------------------------------------------------------ delegation
     @property

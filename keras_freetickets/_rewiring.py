@@ -1,0 +1,124 @@
+"""One mask update of one layer inside the train step (SparseOptimizer's).
+
+`update_layer` decides k and the grow scores (local or global update, EDST
+levers), `rewire` applies the drop-and-grow of `keras_freetickets.masking` to
+the kernel, its mask, its records and its optimizer slots.
+"""
+
+import tensorflow as tf
+
+from keras_freetickets import masking
+from keras_freetickets import updaters
+
+
+def update_layer(opt, layer, variable, mask, gradient, step, is_global):
+    """The mask update of one layer, local or global, inside the step."""
+    context = updaters.UpdateContext(
+        seed=opt.seed, layer_index=layer.index, step=step, size=layer.size
+    )
+    weights = tf.reshape(tf.convert_to_tensor(variable), [-1])
+    flat_gradient = tf.reshape(tf.convert_to_tensor(gradient), [-1])
+
+    def local_score():
+        return opt.updater.grow_score(weights, flat_gradient, context)
+
+    local_fraction = opt.schedule.drop_fraction_at(step)
+    if not opt.global_exploration:
+        k = tf.minimum(
+            masking.count_for(local_fraction, layer.num_active),
+            layer.k_max,
+        )
+        return rewire(opt, layer, variable, weights, mask, local_score(),
+                            k, layer.k_max, not layer.k_exact)
+
+    ever_active = tf.reshape(
+        tf.convert_to_tensor(layer.ever_active.value), [-1]
+    )
+    novelty = opt.novelty.value
+    excluded = tf.logical_and(
+        tf.logical_not(is_global),
+        tf.logical_and(opt.exclude_dropped.value,
+                       tf.reshape(layer.dropped.value, [-1])),
+    )
+    scale = opt.local_drop_scale.value
+
+    def global_score():
+        rules = [local_score, lambda: updaters.SET().grow_score(
+            weights, flat_gradient, context
+        ), lambda: updaters.RigL().grow_score(
+            weights, flat_gradient, context
+        )]
+        return tf.switch_case(
+            tf.convert_to_tensor(opt.global_grow_mode.value), rules
+        )
+
+    def any_fraction():
+        # Global explorations and scaled local updates: k up to all
+        # active weights, picks sorted.
+        fraction = tf.where(is_global, opt.global_drop_fraction.value,
+                            local_fraction * scale)
+        k = masking.count_for(fraction, layer.num_active)
+        score = tf.cond(is_global, global_score, local_score)
+        return rewire(opt, 
+            layer, variable, weights, mask,
+            masking.favour_unused(score, ever_active, novelty),
+            k, layer.num_active, True, excluded, is_global,
+        )
+
+    def scheduled_fraction():
+        k = tf.minimum(
+            masking.count_for(local_fraction, layer.num_active),
+            layer.k_max,
+        )
+        return rewire(opt, 
+            layer, variable, weights, mask,
+            masking.favour_unused(local_score(), ever_active, novelty),
+            k, layer.k_max, not layer.k_exact, excluded,
+        )
+
+    return tf.cond(
+        tf.logical_or(is_global, tf.not_equal(scale, 1.0)),
+        any_fraction, scheduled_fraction,
+    )
+
+def rewire(opt, layer, variable, weights, mask, grow_score, k, k_max,
+            picks_sorted, blocked=None, is_global=None):
+    """Applies one drop-and-grow to a layer's kernel, mask and slots."""
+    shape = layer.shape
+    old = tf.reshape(mask, [-1])
+    new, kept, _ = masking.prune_and_grow(
+        weights, old, grow_score, k, k_max, picks_sorted, blocked
+    )
+    variable.assign(
+        tf.reshape(tf.where(kept, weights, tf.zeros_like(weights)), shape)
+    )
+    kept_shaped = tf.reshape(kept, shape)
+    for slot, reset in layer.slots:
+        slot_value = tf.convert_to_tensor(slot.value)
+        slot.value.assign(
+            tf.where(kept_shaped, slot_value,
+                     tf.fill(shape, tf.cast(reset, slot_value.dtype)))
+        )
+    new_shaped = tf.reshape(new, shape)
+    layer.mask.value.assign(new_shaped)
+    layer.ever_active.value.assign(
+        tf.logical_or(tf.convert_to_tensor(layer.ever_active.value),
+                      new_shaped)
+    )
+    if is_global is not None:
+        # Record what a global exploration removed (for the return rate
+        # and the EDST exclusion lever); local updates leave it alone.
+        removed = tf.reshape(
+            tf.logical_and(old, tf.logical_not(new)), shape
+        )
+        layer.dropped.value.assign(
+            tf.where(is_global, removed,
+                     tf.convert_to_tensor(layer.dropped.value))
+        )
+    activated = tf.reduce_sum(
+        tf.cast(tf.logical_and(new, tf.logical_not(old)), tf.float32)
+    )
+    layer.changed.value.assign(activated / float(layer.num_active))
+    if layer.index == 0:
+        opt.mask_updates.value.assign_add(1)
+    return tf.constant(True)
