@@ -84,6 +84,15 @@ CONFIGS = {
                                     global_grow="gradient"),
     "cosine_exclude_q1": dict(learning_rate_plan="cosine",
                               exclude_dropped=True, global_drop_fraction=1.0),
+    "cosine_reinit": dict(learning_rate_plan="cosine",
+                          global_grow_init="random"),
+    "cosine_exclude_reinit": dict(learning_rate_plan="cosine",
+                                  exclude_dropped=True,
+                                  global_grow_init="random"),
+    "cosine_exclude_reinit_q1": dict(learning_rate_plan="cosine",
+                                     exclude_dropped=True,
+                                     global_grow_init="random",
+                                     global_drop_fraction=1.0),
     "cosine_p0.2_decay": dict(learning_rate_plan="cosine",
                               refinement_drop_fraction=0.2,
                               refinement_drop_decay="cosine"),
@@ -303,7 +312,8 @@ def lever_settings(config):
     edst = kft.EDSTCallback(member_dir="unused", **CONFIGS[config])
     keys = ("learning_rate_plan", "restart_height", "global_grow",
             "global_drop_fraction", "exclude_dropped", "novelty",
-            "refinement_drop_fraction", "refinement_drop_decay")
+            "refinement_drop_fraction", "refinement_drop_decay",
+            "global_grow_init")
     config = edst.get_config()
     return {k: config[k] for k in keys}
 

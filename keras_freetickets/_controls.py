@@ -45,7 +45,7 @@ class ExplorationControls:
 
         Names: update_stop_step, global_explore_step, global_drop_fraction,
         and with global exploration global_grow_mode, novelty,
-        local_drop_scale, exclude_dropped.
+        local_drop_scale, exclude_dropped, global_grow_init.
         """
         for control, value in values.items():
             if control not in self._initial_controls:

@@ -29,7 +29,7 @@ def update_layer(opt, layer, variable, mask, gradient, step, is_global):
             layer.k_max,
         )
         return rewire(opt, layer, variable, weights, mask, local_score(),
-                            k, layer.k_max, not layer.k_exact)
+                      k, layer.k_max, not layer.k_exact)
 
     ever_active = tf.reshape(
         tf.convert_to_tensor(layer.ever_active.value), [-1]
@@ -59,8 +59,8 @@ def update_layer(opt, layer, variable, mask, gradient, step, is_global):
                             local_fraction * scale)
         k = masking.count_for(fraction, layer.num_active)
         score = tf.cond(is_global, global_score, local_score)
-        return rewire(opt, 
-            layer, variable, weights, mask,
+        return rewire(
+            opt, layer, variable, weights, mask,
             masking.favour_unused(score, ever_active, novelty),
             k, layer.num_active, True, excluded, is_global,
         )
@@ -70,8 +70,8 @@ def update_layer(opt, layer, variable, mask, gradient, step, is_global):
             masking.count_for(local_fraction, layer.num_active),
             layer.k_max,
         )
-        return rewire(opt, 
-            layer, variable, weights, mask,
+        return rewire(
+            opt, layer, variable, weights, mask,
             masking.favour_unused(local_score(), ever_active, novelty),
             k, layer.k_max, not layer.k_exact, excluded,
         )
@@ -89,8 +89,12 @@ def rewire(opt, layer, variable, weights, mask, grow_score, k, k_max,
     new, kept, _ = masking.prune_and_grow(
         weights, old, grow_score, k, k_max, picks_sorted, blocked
     )
+    grown_values = tf.zeros_like(weights)
+    if is_global is not None:
+        grown_values = tf.where(new, _global_grow_values(
+            opt, layer, weights, old, is_global), grown_values)
     variable.assign(
-        tf.reshape(tf.where(kept, weights, tf.zeros_like(weights)), shape)
+        tf.reshape(tf.where(kept, weights, grown_values), shape)
     )
     kept_shaped = tf.reshape(kept, shape)
     for slot, reset in layer.slots:
@@ -122,3 +126,22 @@ def rewire(opt, layer, variable, weights, mask, grow_score, k, k_max,
     if layer.index == 0:
         opt.mask_updates.value.assign_add(1)
     return tf.constant(True)
+
+
+def _global_grow_values(opt, layer, weights, old, is_global):
+    """Start values of weights grown by a global exploration: 0 (the
+    paper's), or with `global_grow_init` = c > 0, draws from N(0, (c * r)^2)
+    where r is the RMS of the layer's active weights before the update
+    (keyed by seed, layer and step like SET's draws)."""
+    active = tf.cast(old, weights.dtype)
+    rms = tf.sqrt(tf.reduce_sum(tf.square(weights) * active)
+                  / tf.maximum(tf.reduce_sum(active), 1.0))
+    key = tf.stack([
+        tf.constant(opt.seed, tf.int64) * 65537 + layer.index + 7919,
+        tf.cast(opt.iterations, tf.int64),
+    ])
+    noise = tf.random.stateless_normal(
+        [layer.size], seed=key, alg="philox", dtype=weights.dtype
+    )
+    scale = tf.where(is_global, opt.global_grow_init.value, 0.0)
+    return noise * rms * tf.cast(scale, weights.dtype)

@@ -17,6 +17,7 @@ LEARNING_RATE_PLANS = ("official", "step", "cosine")
 # Factor of the base rate at the start of each refinement phase, per plan.
 _DEFAULT_HEIGHT = {"official": 0.1, "step": 1.0, "cosine": 1.0}
 REFINEMENT_DECAYS = ("constant", "cosine")
+GROW_INITS = {"zeros": 0.0, "random": 1.0}
 
 
 def learning_rate_factor(plan, phase, epoch_in_phase, phase_epochs,
@@ -108,6 +109,11 @@ class EDSTCallback(keras.callbacks.Callback):
             fraction p inside refinement phases (default: the optimizer's).
         refinement_drop_decay: "constant" or "cosine": decay of that local
             drop fraction over each refinement phase, per epoch.
+        global_grow_init: "zeros" (the paper's) or "random": the value of
+            weights a global exploration grows. "random" draws them from
+            N(0, r^2), r the RMS of the layer's active weights, so the next
+            member starts from a partly fresh network rather than from the
+            last one minus its weakest weights.
         quiet_steps: int or None. Steps without local mask updates before
             each member is saved. Default: the optimizer's `update_interval`.
         save_best: str or None. A metric in the epoch logs (for example
@@ -143,6 +149,7 @@ class EDSTCallback(keras.callbacks.Callback):
         novelty=0.0,
         refinement_drop_fraction=None,
         refinement_drop_decay="constant",
+        global_grow_init="zeros",
     ):
         super().__init__()
         check_int("num_members", num_members, 1)
@@ -201,6 +208,12 @@ class EDSTCallback(keras.callbacks.Callback):
                 f"{list(REFINEMENT_DECAYS)}. Received: "
                 f"refinement_drop_decay={refinement_drop_decay!r}"
             )
+        if global_grow_init not in GROW_INITS:
+            raise ValueError(
+                f"Argument `global_grow_init` must be one of {list(GROW_INITS)}"
+                f". Received: global_grow_init={global_grow_init!r}"
+            )
+        self.global_grow_init = global_grow_init
         self.member_dir = os.fspath(member_dir)
         self.global_grow = global_grow
         self.base_learning_rate = base_learning_rate
@@ -368,6 +381,7 @@ class EDSTCallback(keras.callbacks.Callback):
             novelty=self.novelty if refining else 0.0,
             exclude_dropped=self.exclude_dropped and refining,
             local_drop_scale=float(scale),
+            global_grow_init=GROW_INITS[self.global_grow_init],
         )
 
     def _candidate_path(self, index):
@@ -440,6 +454,7 @@ class EDSTCallback(keras.callbacks.Callback):
             "novelty": self.novelty,
             "refinement_drop_fraction": self.refinement_drop_fraction,
             "refinement_drop_decay": self.refinement_drop_decay,
+            "global_grow_init": self.global_grow_init,
         }
 
     def get_config(self):

@@ -191,7 +191,7 @@ class SparseOptimizer(
             update_stop_step=self.schedule.stop_step,
             global_explore_step=_NO_STEP, global_drop_fraction=0.0,
             global_grow_mode=0, novelty=0.0, local_drop_scale=1.0,
-            exclude_dropped=False,
+            exclude_dropped=False, global_grow_init=0.0,
         )
         self._sparse_layers = []
         self._dense_prunable = []
@@ -291,7 +291,8 @@ class SparseOptimizer(
             controls += [("global_grow_mode", "int32"),
                          ("novelty", "float32"),
                          ("local_drop_scale", "float32"),
-                         ("exclude_dropped", "bool")]
+                         ("exclude_dropped", "bool"),
+                         ("global_grow_init", "float32")]
         for control, dtype in controls:
             value = self._initial_controls[control]
             setattr(self, control, self.add_variable(

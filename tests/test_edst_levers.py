@@ -136,6 +136,50 @@ def test_global_grow_rule_changes_the_explored_mask(tmp_path):
                                                masks["gradient"]))
 
 
+# ------------------------------------------------------ grown weights' start
+class KernelRecorder(keras.callbacks.Callback):
+    def __init__(self, opt, steps):
+        super().__init__()
+        self.opt, self.steps, self.kernels = opt, steps, {}
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = int(self.opt.iterations.numpy())
+        if step in self.steps:
+            self.kernels[step] = [
+                (l.variable.numpy(), l.mask.numpy())
+                for l in self.opt.sparse_layers]
+
+
+@pytest.mark.parametrize("init", ["zeros", "random"])
+def test_global_grow_init_starts_grown_weights_at_zero_or_at_random(
+    tmp_path, init
+):
+    global_step = (1 + 2) * STEPS
+    model = small_model()
+    opt = compile_sparse(model)
+    edst = kft.EDSTCallback(num_members=2, exploration_epochs=1,
+                            refinement_epochs=2, member_dir=tmp_path,
+                            global_grow_init=init)
+    rec = KernelRecorder(opt, {global_step, global_step + 1})
+    x, y = toy_data()
+    model.fit(x, y, batch_size=32, epochs=edst.total_epochs, shuffle=False,
+              callbacks=[edst, rec], verbose=0)
+    for (w0, m0), (w1, m1) in zip(rec.kernels[global_step],
+                                  rec.kernels[global_step + 1]):
+        grown = m1 & ~m0
+        assert grown.sum() > 0
+        assert np.all(w1[~m1] == 0)
+        # lr is tiny at this step's update; the inner step moved grown
+        # weights by at most lr * grad before the update set them.
+        values = w1[grown]
+        if init == "zeros":
+            assert np.all(values == 0)
+        else:
+            rms = np.sqrt(np.mean(w0[m0] ** 2))
+            assert np.count_nonzero(values) == values.size
+            assert 0.7 * rms < np.sqrt(np.mean(values ** 2)) < 1.3 * rms
+
+
 # --------------------------------------------------------------- novelty
 def _local_update(novelty, ever_seed_steps=3):
     """One local update on a built optimizer with the novelty control set;
@@ -275,6 +319,7 @@ def test_levers_need_no_retrace_and_are_refused_clearly(tmp_path):
     (dict(exclude_dropped="yes"), "exclude_dropped='yes'"),
     (dict(refinement_drop_fraction=1.5), "refinement_drop_fraction=1.5"),
     (dict(refinement_drop_decay="linear"), "refinement_drop_decay='linear'"),
+    (dict(global_grow_init="ones"), "global_grow_init='ones'"),
 ])
 def test_bad_lever_arguments_name_the_argument(kwargs, needle):
     with pytest.raises(ValueError, match=needle):
@@ -285,7 +330,8 @@ def test_levers_round_trip_and_a_callable_plan_is_refused():
     edst = kft.EDSTCallback(member_dir="m", learning_rate_plan="step",
                             restart_height=0.7, exclude_dropped=True,
                             novelty=2.0, refinement_drop_fraction=0.3,
-                            refinement_drop_decay="cosine")
+                            refinement_drop_decay="cosine",
+                            global_grow_init="random")
     clone = kft.EDSTCallback.from_config(edst.get_config())
     assert clone.get_config() == edst.get_config()
     custom = kft.EDSTCallback(member_dir="m",
