@@ -7,6 +7,7 @@ import warnings
 import keras
 import numpy as np
 
+from keras_freetickets import _keras_compat as compat
 from keras_freetickets import members as members_lib
 from keras_freetickets._validation import check_fraction
 from keras_freetickets._validation import check_int
@@ -262,13 +263,13 @@ class EDSTCallback(keras.callbacks.Callback):
     def set_model(self, model):
         super().set_model(model)
         opt = find_sparse_optimizer(model)
-        if isinstance(opt.inner_optimizer._learning_rate, (
-            keras.optimizers.schedules.LearningRateSchedule,
-        )) or callable(opt.inner_optimizer._learning_rate):
+        rate = compat.raw_learning_rate(opt.inner_optimizer)
+        if isinstance(rate, keras.optimizers.schedules.LearningRateSchedule
+                      ) or callable(rate):
             raise ValueError(
                 "EDSTCallback sets the learning rate of each phase, so the "
                 "inner optimizer needs a float learning rate. Received: "
-                f"learning_rate={opt.inner_optimizer._learning_rate!r}"
+                f"learning_rate={rate!r}"
             )
         # Raises when the optimizer was built without the state for it.
         opt.enable_global_exploration(grow=self.global_grow)

@@ -75,10 +75,10 @@ import warnings
 import keras
 import numpy as np
 import tensorflow as tf
-from keras.src.models.functional import Functional
 
 from keras_freetickets import members as members_lib
 from keras_freetickets import prunable
+from keras_freetickets._keras_compat import FunctionalModel as Functional
 
 INPUT_NAME = "inputs"
 """The name of the serving signatures' single input."""

@@ -3,9 +3,9 @@
 import keras
 import numpy as np
 import tensorflow as tf
-from keras.src.utils import tracking
 
 from keras_freetickets import _inner
+from keras_freetickets import _keras_compat as compat
 from keras_freetickets import _rewiring
 from keras_freetickets._controls import ExplorationControls
 from keras_freetickets._queries import SparseStateQueries
@@ -206,7 +206,7 @@ class SparseOptimizer(
     drop_fraction_schedule = property(lambda self: self.schedule.decay)
 
     # ------------------------------------------------------------------ build
-    @tracking.no_automatic_dependency_tracking
+    @compat.no_automatic_dependency_tracking
     def build(self, var_list):
         if self.built:
             return
@@ -232,7 +232,7 @@ class SparseOptimizer(
             )
         counts = distributions.resolve_counts(shapes, sparsities)
 
-        strategy = self._distribution_strategy
+        strategy = compat.strategy_of(self)
         slot_owner = _inner.slot_owners(var_list, self.inner_optimizer.variables)
         reset_values = _inner.slot_reset_values(self.inner_optimizer)
         for variable in candidates:
@@ -276,9 +276,9 @@ class SparseOptimizer(
                     tf.where(initial, variable.value,
                              tf.zeros_like(variable.value))
                 )
-            self._layer_of_key[self.inner_optimizer._var_key(variable)] = (
-                layer
-            )
+            self._layer_of_key[
+                compat.variable_key(self.inner_optimizer, variable)
+            ] = layer
             self._sparse_layers.append(layer)
 
         self.mask_updates = self.add_variable(
@@ -299,12 +299,10 @@ class SparseOptimizer(
                 shape=(), dtype=dtype, name=control,
                 initializer=_constant_initializer(np.array(value, dtype)),
             ))
-        # Route the inner optimizer's per-variable update through the masks.
-        self._inner_update_step = type(self.inner_optimizer).update_step.__get__(
-            self.inner_optimizer
-        )
-        object.__setattr__(
-            self.inner_optimizer, "update_step", self._masked_update_step
+        # Route the inner optimizer's per-variable update through the masks
+        # (why it must be on the inner instance: see hook_update_step).
+        self._inner_update_step = compat.hook_update_step(
+            self.inner_optimizer, self._masked_update_step
         )
         self._remask = (
             type(self.inner_optimizer).__name__ not in _inner.ZERO_PRESERVING
@@ -340,7 +338,9 @@ class SparseOptimizer(
         self.inner_optimizer.apply(grads, trainable_variables)
 
     def _masked_update_step(self, gradient, variable, learning_rate):
-        layer = self._layer_of_key.get(self.inner_optimizer._var_key(variable))
+        layer = self._layer_of_key.get(
+            compat.variable_key(self.inner_optimizer, variable)
+        )
         if layer is None:
             return self._inner_update_step(gradient, variable, learning_rate)
         mask = tf.convert_to_tensor(layer.mask.value)

@@ -1,0 +1,69 @@
+"""Pins the Keras internals that keras_freetickets uses (_keras_compat)."""
+
+import ast
+import pathlib
+import warnings
+
+import keras
+import pytest
+
+from keras_freetickets import _keras_compat as compat
+
+PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "keras_freetickets"
+
+
+def test_installed_keras_is_in_the_tested_range():
+    version = compat.keras_version()
+    assert compat.TESTED[0] <= version <= compat.TESTED[1], keras.__version__
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        compat.check_version()
+
+
+def test_version_guard_warns_outside_the_range(monkeypatch):
+    monkeypatch.setattr(keras, "__version__", "4.0.0")
+    with pytest.warns(UserWarning, match="found 4.0.0"):
+        compat.check_version()
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW", "RMSprop"])
+def test_optimizer_internals_are_where_we_read_them(name):
+    opt = getattr(keras.optimizers, name)(learning_rate=0.1)
+    variable = keras.Variable([1.0, 2.0])
+    opt.build([variable])
+    assert isinstance(compat.variable_key(opt, variable), (str, int))
+    assert float(compat.raw_learning_rate(opt).numpy()) == pytest.approx(0.1)
+    schedule = keras.optimizers.schedules.ExponentialDecay(0.1, 10, 0.9)
+    assert compat.raw_learning_rate(
+        getattr(keras.optimizers, name)(learning_rate=schedule)) is schedule
+    assert compat.strategy_of(opt) is not None
+    calls = []
+    original = compat.hook_update_step(
+        opt, lambda g, v, lr: calls.append(tuple(v.shape)))
+    opt.apply([keras.ops.ones((2,))], [variable])
+    assert calls == [(2,)]
+    assert callable(original)
+
+
+def test_model_strategy_and_functional_class():
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    assert compat.strategy_of(model) is None
+    functional = keras.Model(*(lambda i: (i, keras.layers.Dense(1)(i)))(
+        keras.Input((2,))))
+    assert isinstance(functional, compat.FunctionalModel)
+
+
+def test_no_module_but_the_compat_one_imports_keras_src():
+    offenders = []
+    for path in PACKAGE.rglob("*.py"):
+        if path.name == "_keras_compat.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            offenders += [f"{path.name}: {n}" for n in names
+                          if n.startswith("keras.src")]
+    assert offenders == []
