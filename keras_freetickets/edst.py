@@ -117,10 +117,13 @@ class EDSTCallback(keras.callbacks.Callback):
             last one minus its weakest weights.
         quiet_steps: int or None. Steps without local mask updates before
             each member is saved. Default: the optimizer's `update_interval`.
-        save_best: str or None. A metric in the epoch logs (for example
+        monitor: str or None. A metric in the epoch logs (for example
             `"val_loss"`); when given, each member is the phase's best epoch on
             it rather than the phase's last epoch.
-        save_best_mode: "min" or "max".
+        mode: "auto", "min" or "max", as in `keras.callbacks.EarlyStopping`
+            ("auto": "max" for accuracy-like names, else "min").
+        save_best, save_best_mode: the earlier names of `monitor` and
+            `mode`, still accepted.
 
     Example:
 
@@ -143,14 +146,16 @@ class EDSTCallback(keras.callbacks.Callback):
         base_learning_rate=None,
         learning_rate_plan=None,
         quiet_steps=None,
-        save_best=None,
-        save_best_mode="min",
+        monitor=None,
+        mode="auto",
         restart_height=None,
         exclude_dropped=False,
         novelty=0.0,
         refinement_drop_fraction=None,
         refinement_drop_decay="constant",
         global_grow_init="zeros",
+        save_best=None,
+        save_best_mode=None,
     ):
         super().__init__()
         check_int("num_members", num_members, 1)
@@ -164,10 +169,24 @@ class EDSTCallback(keras.callbacks.Callback):
             )
         if quiet_steps is not None:
             check_int("quiet_steps", quiet_steps, 0)
-        if save_best_mode not in ("min", "max"):
+        if save_best is not None:
+            monitor = save_best
+        if save_best_mode is not None:
+            if save_best_mode not in ("min", "max"):
+                raise ValueError(
+                    "Argument `save_best_mode` must be 'min' or 'max'. "
+                    f"Received: save_best_mode={save_best_mode!r}"
+                )
+            mode = save_best_mode
+        if mode not in ("auto", "min", "max"):
             raise ValueError(
-                "Argument `save_best_mode` must be 'min' or 'max'. "
-                f"Received: save_best_mode={save_best_mode!r}"
+                "Argument `mode` must be 'auto', 'min' or 'max'. "
+                f"Received: mode={mode!r}"
+            )
+        if monitor is not None and not (isinstance(monitor, str) and monitor):
+            raise ValueError(
+                "Argument `monitor` must be a metric name or None. "
+                f"Received: monitor={monitor!r}"
             )
         if base_learning_rate is not None and not base_learning_rate > 0:
             raise ValueError(
@@ -230,8 +249,8 @@ class EDSTCallback(keras.callbacks.Callback):
         )
         self.refinement_drop_decay = refinement_drop_decay
         self.quiet_steps = quiet_steps
-        self.save_best = save_best
-        self.save_best_mode = save_best_mode
+        self.monitor = monitor
+        self.mode = mode
         self._optimizer = None
         self._steps_per_epoch = None
 
@@ -345,7 +364,7 @@ class EDSTCallback(keras.callbacks.Callback):
                 logs["edst/return_rate"] = rates["overall"]
         last = in_phase == self.refinement_epochs - 1
         metadata = self._metadata(index, epoch, logs)
-        if self.save_best:
+        if self.monitor:
             candidate = self._candidate_path(index)
             if self._improves(candidate, logs, in_phase == 0):
                 members_lib.save_member(
@@ -395,16 +414,23 @@ class EDSTCallback(keras.callbacks.Callback):
         )
 
     def _improves(self, candidate, logs, first_epoch):
-        if not logs or self.save_best not in logs:
+        if not logs or self.monitor not in logs:
             raise ValueError(
-                f"Argument `save_best` names {self.save_best!r}, which the "
+                f"Argument `monitor` names {self.monitor!r}, which the "
                 f"epoch logs do not hold. Available: {sorted(logs or {})}"
             )
         if first_epoch or not os.path.exists(candidate):
             return True
         best = members_lib.read_member_metadata(candidate).get("monitor")
-        value = float(logs[self.save_best])
-        return value < best if self.save_best_mode == "min" else value > best
+        value = float(logs[self.monitor])
+        return value > best if self._maximize() else value < best
+
+    def _maximize(self):
+        if self.mode != "auto":
+            return self.mode == "max"
+        name = self.monitor.lower()
+        return any(word in name for word in (
+            "acc", "auc", "precision", "recall", "f1"))
 
     def _metadata(self, index, epoch, logs):
         opt = self._optimizer
@@ -426,9 +452,9 @@ class EDSTCallback(keras.callbacks.Callback):
         if rates:
             metadata["return_rate"] = rates["overall"]
             metadata["return_rate_per_layer"] = rates["layers"]
-        if self.save_best and logs and self.save_best in logs:
-            metadata["monitor"] = float(logs[self.save_best])
-            metadata["monitor_name"] = self.save_best
+        if self.monitor and logs and self.monitor in logs:
+            metadata["monitor"] = float(logs[self.monitor])
+            metadata["monitor_name"] = self.monitor
         return metadata
 
     def _check_earlier_members(self, epoch):
@@ -476,8 +502,8 @@ class EDSTCallback(keras.callbacks.Callback):
             "global_grow": self.global_grow,
             "base_learning_rate": self.base_learning_rate,
             "quiet_steps": self.quiet_steps,
-            "save_best": self.save_best,
-            "save_best_mode": self.save_best_mode,
+            "monitor": self.monitor,
+            "mode": self.mode,
         }
 
     @classmethod

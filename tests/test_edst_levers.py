@@ -338,3 +338,30 @@ def test_levers_round_trip_and_a_callable_plan_is_refused():
                               learning_rate_plan=lambda p, e, n: 1.0)
     with pytest.raises(ValueError, match="callable `learning_rate_plan`"):
         custom.get_config()
+
+
+def test_monitor_and_mode_follow_keras_words(tmp_path):
+    old = kft.EDSTCallback(member_dir="m", save_best="val_loss",
+                           save_best_mode="min")
+    new = kft.EDSTCallback(member_dir="m", monitor="val_loss", mode="min")
+    assert old.get_config() == new.get_config()
+    with pytest.raises(ValueError, match="mode='best'"):
+        kft.EDSTCallback(member_dir="m", monitor="val_loss", mode="best")
+    # mode="auto" keeps the highest accuracy of each phase.
+    model = small_model()
+    compile_sparse(model)
+    model.compile(model.optimizer,
+                  keras.losses.SparseCategoricalCrossentropy(True),
+                  metrics=["accuracy"])
+    edst = kft.EDSTCallback(num_members=1, exploration_epochs=1,
+                            refinement_epochs=3, member_dir=tmp_path,
+                            monitor="val_accuracy")
+    x, y = toy_data()
+    history = model.fit(x, y, batch_size=32, epochs=edst.total_epochs,
+                        validation_data=(x[:96], y[:96]), shuffle=False,
+                        callbacks=[edst], verbose=0)
+    phase = history.history["val_accuracy"][1:]
+    meta = members_lib.read_member_metadata(
+        members_lib.member_path(tmp_path, 0))
+    assert meta["monitor"] == pytest.approx(max(phase))
+    assert meta["epoch"] == 2 + int(np.argmax(phase))
