@@ -338,7 +338,7 @@ def corrupt(images, corruption, severity, seed=SEED):
     Example:
 
     ```python
-    from keras_freetickets import datasets
+    from keras_freetickets.contrib import datasets
     x, y = datasets.load_fashion_mnist("test", flatten=True)
     blurred = corrupt(x, "gaussian_blur", 3)
     ```
@@ -449,7 +449,7 @@ def main(argv):
     repo = pathlib.Path(__file__).resolve().parents[1]
     if str(repo) not in sys.path:
         sys.path.append(str(repo))
-    from keras_freetickets import datasets
+    from keras_freetickets.contrib import datasets
 
     x, y = datasets.load_fashion_mnist("test", flatten=True)
     arrays = {}

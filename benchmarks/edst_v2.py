@@ -159,7 +159,7 @@ class Data:
     """The protocol's arrays: train, test and the two OOD sets."""
 
     def __init__(self, protocol, train_examples):
-        from keras_freetickets import datasets
+        from keras_freetickets.contrib import datasets
 
         flat = protocol == "mlp"
         x, y = datasets.load_fashion_mnist("train", flatten=flat)
@@ -170,7 +170,7 @@ class Data:
                     "noise": datasets.load_ood_noise(flatten=flat)}
 
     def train(self, seed):
-        from keras_freetickets import datasets
+        from keras_freetickets.contrib import datasets
 
         return datasets.as_dataset(self.x, self.y, BATCH_SIZE, shuffle=True,
                                    seed=seed)

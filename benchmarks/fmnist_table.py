@@ -295,7 +295,7 @@ class _Data:
     """The protocol's arrays: train, test and the two OOD sets."""
 
     def __init__(self, protocol, train_examples):
-        from keras_freetickets import datasets
+        from keras_freetickets.contrib import datasets
 
         flatten = protocol == "mlp"
         x, y = datasets.load_fashion_mnist("train", flatten=flatten)
@@ -310,7 +310,7 @@ class _Data:
         }
 
     def train_dataset(self, seed):
-        from keras_freetickets import datasets
+        from keras_freetickets.contrib import datasets
 
         return datasets.as_dataset(self.x_train, self.y_train, BATCH_SIZE,
                                    shuffle=True, seed=seed)

@@ -79,7 +79,7 @@ def run_worker(config_path):
     import tensorflow as tf
 
     import keras_freetickets as kft
-    from keras_freetickets import datasets
+    from keras_freetickets.contrib import datasets
     from keras_freetickets import distributed
 
     info = distributed.task_info()

@@ -105,7 +105,7 @@ def main(argv):
     import tensorflow_model_optimization as tfmot
     import tf_keras
 
-    from keras_freetickets import datasets
+    from keras_freetickets.contrib import datasets
 
     sparsity = tfmot.sparsity.keras
     from tensorflow_model_optimization.python.core.sparsity.keras import (

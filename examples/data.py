@@ -7,7 +7,7 @@ The offline default: tfds' registered `fashion_mnist` verifies the checksums
 of the files it downloads, and Debian's `dataset-fashion-mnist` files are
 re-gzipped, so they do not pass. The examples therefore register their own
 tfds data set, `fashion_mnist_local` (the `FashionMnistLocal` builder below):
-it reads the Debian IDX files through `keras_freetickets.datasets` and writes
+it reads the Debian IDX files through `keras_freetickets.contrib.datasets` and writes
 the three splits of the FMNIST-MLP v1 protocol in the files' order (train =
 the first 55,000 train images, validation = the last 5,000, test = the 10,000
 t10k images). It is prepared once per machine in the tfds data directory
@@ -36,7 +36,7 @@ from absl import logging
 from etils import epath
 
 from common import ExampleError
-from keras_freetickets import datasets as kft_datasets
+from keras_freetickets.contrib import datasets as kft_datasets
 
 LOCAL_NAME = "fashion_mnist_local"
 FASHION_NAMES = ("fashion_mnist", LOCAL_NAME)
@@ -468,7 +468,7 @@ def load_test_arrays(name, data_dir=None, eval_examples=0, log=print):
 def ood_sets(input_shape, fashion, limit=0, seed=0):
     """The out-of-distribution sets of BENCHMARK.md, shaped like the inputs.
 
-    For Fashion-MNIST, exactly `keras_freetickets.datasets.load_ood_digits()`
+    For Fashion-MNIST, exactly `keras_freetickets.contrib.datasets.load_ood_digits()`
     and `load_ood_noise(10000, seed=0)`. For other image shapes: the same
     scikit-learn digits resized to the input's height and width (bilinear)
     and repeated over its channels, and the same Gaussian noise recipe

@@ -228,7 +228,7 @@ def _row(metrics, disagreement, density, train_flops, seconds):
 
 def write_plots(scored, y_test, output_dir, flops_reference):
     """Writes the five PNGs of the issue; returns their paths."""
-    from keras_freetickets import plots
+    from keras_freetickets.contrib import plots
 
     written = []
     dense = [(r, m, p, s) for r, m, p, s in scored if m["kind"] == "dense"]

@@ -1,4 +1,4 @@
-"""Tests of keras_freetickets.datasets.
+"""Tests of keras_freetickets.contrib.datasets.
 
 The Fashion-MNIST tests read the installed IDX files (skipped when absent) and
 compare the loader with a direct read of the same files. Error paths use
@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import pytest
 
-from keras_freetickets import datasets
+from keras_freetickets.contrib import datasets
 
 FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
@@ -61,7 +61,7 @@ def test_import_needs_numpy_only():
     import subprocess
 
     code = (
-        "import sys, keras_freetickets.datasets; "
+        "import sys, keras_freetickets.contrib.datasets; "
         "heavy = {'tensorflow', 'tensorflow_datasets', 'sklearn', 'keras'}; "
         "sys.exit(len(heavy & set(sys.modules)))"
     )

@@ -236,7 +236,7 @@ def test_resume_after_a_crash_gives_the_same_members(tmp_path):
 def test_edst_on_fashion_mnist_gives_diverse_members_and_a_better_nll(
     tmp_path, record_property,
 ):
-    from keras_freetickets import datasets
+    from keras_freetickets.contrib import datasets
 
     try:
         x, y = datasets.load_fashion_mnist("train", flatten=True)

@@ -1,4 +1,4 @@
-"""Tests of keras_freetickets.plots: what is drawn, the PNGs, argument checks."""
+"""Tests of keras_freetickets.contrib.plots: what is drawn, the PNGs, argument checks."""
 
 import sys
 
@@ -33,7 +33,7 @@ def test_module_imports_no_matplotlib_until_used():
     # Importing the module must not import matplotlib (lazy import).
     import subprocess
 
-    code = ("import sys, keras_freetickets.plots; "
+    code = ("import sys, keras_freetickets.contrib.plots; "
             "print('matplotlib' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True,
                          text=True, check=True).stdout.strip()

@@ -34,11 +34,11 @@ def read_idx(path, offset):
 def load(split, folder=DATA_DIR):
     """(x, y) for "train" (first 55,000) or "test", flat float32 in [0, 1].
 
-    Uses `keras_freetickets.datasets` when it is there, else reads the IDX
+    Uses `keras_freetickets.contrib.datasets` when it is there, else reads the IDX
     files itself (images after a 16-byte header, labels after 8 bytes).
     """
     try:
-        from keras_freetickets.datasets import load_fashion_mnist
+        from keras_freetickets.contrib.datasets import load_fashion_mnist
     except ImportError:  # the datasets module is optional for this test
         load_fashion_mnist = None
     if load_fashion_mnist is not None:
