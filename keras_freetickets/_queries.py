@@ -110,3 +110,15 @@ class SparseStateQueries:
             np.prod(v.shape) * np.dtype(v.dtype).itemsize
             for v in self._variables
         ))
+
+    def overall_stats(self, stats=None):
+        """Totals over all prunable weights: `active`, `total`, `density`
+        (active / total) and `ever_active` (fraction ever active), from
+        `layer_stats()` (or the `stats` given)."""
+        stats = self.layer_stats() if stats is None else stats
+        active = sum(s["active"] for s in stats)
+        total = sum(s["total"] for s in stats)
+        ever = sum(s["ever_active"] * s["total"] for s in stats)
+        return {"active": active, "total": total, "density": active / total,
+                "ever_active": ever / total}
+

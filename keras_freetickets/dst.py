@@ -8,6 +8,7 @@ import keras
 
 from keras_freetickets import members as members_lib
 from keras_freetickets._validation import check_int
+from keras_freetickets.member_checkpoint import MemberCheckpoint
 from keras_freetickets.sparse_optimizer import SparseOptimizer
 
 MEMBER_INDEX_ENV = "KFT_MEMBER_INDEX"
@@ -150,8 +151,13 @@ def train_dst_ensemble(
         member_callbacks = callbacks(index) if callable(callbacks) else (
             list(callbacks or [])
         )
+        # Saves the member at the end of training, after the user's
+        # callbacks (an EarlyStopping may restore its best weights first).
+        saver = MemberCheckpoint(member_dir, indices=[index],
+                                 metadata=_member_metadata(opt, seed, epochs,
+                                                           sparsity))
         fit_args = dict(epochs=epochs, validation_data=validation_data,
-                        callbacks=member_callbacks, verbose=verbose)
+                        callbacks=member_callbacks + [saver], verbose=verbose)
         if isinstance(train_data, tuple):
             history = model.fit(train_data[0], train_data[1],
                                 batch_size=batch_size, shuffle=True,
@@ -159,18 +165,6 @@ def train_dst_ensemble(
         else:
             # A dataset brings its own order; Keras' shuffle=True only warns.
             history = model.fit(train_data, shuffle=False, **fit_args)
-        stats = opt.layer_stats()
-        members_lib.save_member(model, path, metadata={
-            "method": "dst",
-            "member_index": index,
-            "seed": seed,
-            "epochs": epochs,
-            "sparsity": sparsity,
-            "density": sum(s["active"] for s in stats)
-            / sum(s["total"] for s in stats),
-            "ever_active": sum(s["ever_active"] * s["total"] for s in stats)
-            / sum(s["total"] for s in stats),
-        })
         trained.append(index)
         histories[index] = history.history
     return {
@@ -204,6 +198,18 @@ def _build_member(build_model, seed, steps, epochs, update_end_fraction,
         metrics=metrics,
     )
     return model, opt
+
+
+def _member_metadata(opt, seed, epochs, sparsity):
+    def metadata(index, epoch, logs):
+        del epoch, logs
+        overall = opt.overall_stats()
+        return {"method": "dst", "member_index": index, "seed": seed,
+                "epochs": epochs, "sparsity": sparsity,
+                "density": overall["density"],
+                "ever_active": overall["ever_active"]}
+
+    return metadata
 
 
 def missing_members(member_dir, num_members):

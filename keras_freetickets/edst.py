@@ -10,49 +10,15 @@ import numpy as np
 from keras_freetickets import _keras_compat as compat
 from keras_freetickets import members as members_lib
 from keras_freetickets._validation import check_fraction
+from keras_freetickets.member_checkpoint import MemberCheckpoint
+from keras_freetickets.schedules import LEARNING_RATE_PLANS
+from keras_freetickets.schedules import learning_rate_factor
 from keras_freetickets._validation import check_int
 from keras_freetickets.sparsity_monitor import find_sparse_optimizer
 
 
-LEARNING_RATE_PLANS = ("official", "step", "cosine")
-# Factor of the base rate at the start of each refinement phase, per plan.
-_DEFAULT_HEIGHT = {"official": 0.1, "step": 1.0, "cosine": 1.0}
 REFINEMENT_DECAYS = ("constant", "cosine")
 GROW_INITS = {"zeros": 0.0, "random": 1.0}
-
-
-def learning_rate_factor(plan, phase, epoch_in_phase, phase_epochs,
-                         height=None):
-    """Factor of the base learning rate for one epoch of an EDST run.
-
-    Phase 0 (exploration) runs at the base rate under every plan. In a
-    refinement phase of E epochs, with h = `height` (the factor the phase
-    restarts at):
-
-    - "official" (the paper's code; h = 0.1): h for the first half, h / 10
-      for the second;
-    - "step" (h = 1): h for the first half, h / 10 to three quarters, h / 100
-      after;
-    - "cosine" (h = 1; snapshot ensembles' cyclic rate, per epoch):
-      h * (1 + cos(pi * e / E)) / 2 at epoch e of the phase.
-    """
-    if phase == 0:
-        return 1.0
-    h = _DEFAULT_HEIGHT[plan] if height is None else float(height)
-    e, span = epoch_in_phase, float(phase_epochs)
-    if plan == "official":
-        return h if e < span / 2.0 else h / 10.0
-    if plan == "step":
-        if e < span / 2.0:
-            return h
-        return h / 10.0 if e < 0.75 * span else h / 100.0
-    return h * 0.5 * (1.0 + math.cos(math.pi * e / span))
-
-
-def default_learning_rate_plan(phase, epoch_in_phase, phase_epochs):
-    """The paper code's plan ("official"), as a factor of the base rate."""
-    return learning_rate_factor("official", phase, epoch_in_phase,
-                                phase_epochs)
 
 
 @keras.saving.register_keras_serializable(package="keras_freetickets")
@@ -162,11 +128,6 @@ class EDSTCallback(keras.callbacks.Callback):
         check_int("exploration_epochs", exploration_epochs, 0)
         check_int("refinement_epochs", refinement_epochs, 1)
         check_fraction("global_drop_fraction", global_drop_fraction)
-        if not member_dir or not isinstance(member_dir, (str, os.PathLike)):
-            raise ValueError(
-                "Argument `member_dir` must be a directory path. "
-                f"Received: member_dir={member_dir!r}"
-            )
         if quiet_steps is not None:
             check_int("quiet_steps", quiet_steps, 0)
         if save_best is not None:
@@ -178,16 +139,7 @@ class EDSTCallback(keras.callbacks.Callback):
                     f"Received: save_best_mode={save_best_mode!r}"
                 )
             mode = save_best_mode
-        if mode not in ("auto", "min", "max"):
-            raise ValueError(
-                "Argument `mode` must be 'auto', 'min' or 'max'. "
-                f"Received: mode={mode!r}"
-            )
-        if monitor is not None and not (isinstance(monitor, str) and monitor):
-            raise ValueError(
-                "Argument `monitor` must be a metric name or None. "
-                f"Received: monitor={monitor!r}"
-            )
+
         if base_learning_rate is not None and not base_learning_rate > 0:
             raise ValueError(
                 "Argument `base_learning_rate` must be > 0. "
@@ -234,7 +186,6 @@ class EDSTCallback(keras.callbacks.Callback):
                 f". Received: global_grow_init={global_grow_init!r}"
             )
         self.global_grow_init = global_grow_init
-        self.member_dir = os.fspath(member_dir)
         self.global_grow = global_grow
         self.base_learning_rate = base_learning_rate
         self.learning_rate_plan = learning_rate_plan
@@ -251,6 +202,14 @@ class EDSTCallback(keras.callbacks.Callback):
         self.quiet_steps = quiet_steps
         self.monitor = monitor
         self.mode = mode
+        # Validates member_dir, monitor and mode.
+        self._checkpoint = MemberCheckpoint(
+            member_dir, windows=[
+                (end - self.refinement_epochs + 1, end)
+                for end in self.member_epochs()],
+            monitor=monitor, mode=mode, metadata=self._metadata,
+        )
+        self.member_dir = self._checkpoint.member_dir
         self._optimizer = None
         self._steps_per_epoch = None
 
@@ -293,6 +252,7 @@ class EDSTCallback(keras.callbacks.Callback):
         # Raises when the optimizer was built without the state for it.
         opt.enable_global_exploration(grow=self.global_grow)
         self._optimizer = opt
+        self._checkpoint.set_model(model)
         if self.base_learning_rate is None:
             self.base_learning_rate = float(
                 keras.ops.convert_to_numpy(opt.learning_rate)
@@ -362,23 +322,7 @@ class EDSTCallback(keras.callbacks.Callback):
             rates = self._optimizer.return_rates()
             if rates:
                 logs["edst/return_rate"] = rates["overall"]
-        last = in_phase == self.refinement_epochs - 1
-        metadata = self._metadata(index, epoch, logs)
-        if self.monitor:
-            candidate = self._candidate_path(index)
-            if self._improves(candidate, logs, in_phase == 0):
-                members_lib.save_member(
-                    self.model, candidate, metadata, overwrite=True
-                )
-            if last:
-                os.replace(candidate, members_lib.member_path(
-                    self.member_dir, index
-                ))
-        elif last:
-            members_lib.save_member(
-                self.model, members_lib.member_path(self.member_dir, index),
-                metadata, overwrite=True,
-            )
+        self._checkpoint.on_epoch_end(epoch, logs)
 
     # -------------------------------------------------------------- helpers
     def _plan_factor(self, phase, in_phase, phase_epochs):
@@ -404,46 +348,15 @@ class EDSTCallback(keras.callbacks.Callback):
             global_grow_init=GROW_INITS[self.global_grow_init],
         )
 
-    def _candidate_path(self, index):
-        # Under multi-worker training every worker writes candidates; each
-        # gets its own file so that they never replace one another's.
-        worker = _worker_suffix()
-        return os.path.join(
-            self.member_dir,
-            f".candidate_{index}{worker}{members_lib.MEMBER_EXTENSION}",
-        )
-
-    def _improves(self, candidate, logs, first_epoch):
-        if not logs or self.monitor not in logs:
-            raise ValueError(
-                f"Argument `monitor` names {self.monitor!r}, which the "
-                f"epoch logs do not hold. Available: {sorted(logs or {})}"
-            )
-        if first_epoch or not os.path.exists(candidate):
-            return True
-        best = members_lib.read_member_metadata(candidate).get("monitor")
-        value = float(logs[self.monitor])
-        return value > best if self._maximize() else value < best
-
-    def _maximize(self):
-        if self.mode != "auto":
-            return self.mode == "max"
-        name = self.monitor.lower()
-        return any(word in name for word in (
-            "acc", "auc", "precision", "recall", "f1"))
-
     def _metadata(self, index, epoch, logs):
         opt = self._optimizer
-        stats = opt.layer_stats()
-        active = sum(s["active"] for s in stats)
-        total = sum(s["total"] for s in stats)
         metadata = {
             "method": "edst",
             "member_index": index,
             "phase": index + 1,
             "epoch": epoch + 1,
             "step": int(keras.ops.convert_to_numpy(opt.iterations)),
-            "density": active / total,
+            "density": opt.overall_stats()["density"],
             "global_drop_fraction": self.global_drop_fraction,
             "seed": opt.seed,
             "levers": self._lever_config(),
@@ -452,9 +365,6 @@ class EDSTCallback(keras.callbacks.Callback):
         if rates:
             metadata["return_rate"] = rates["overall"]
             metadata["return_rate_per_layer"] = rates["layers"]
-        if self.monitor and logs and self.monitor in logs:
-            metadata["monitor"] = float(logs[self.monitor])
-            metadata["monitor_name"] = self.monitor
         return metadata
 
     def _check_earlier_members(self, epoch):
@@ -521,16 +431,3 @@ def _check_positive(name, value, allow_zero=False):
             f"Argument `{name}` must be a finite number {bound}. "
             f"Received: {name}={value!r}"
         )
-
-
-def _worker_suffix():
-    import json
-
-    try:
-        config = json.loads(os.environ.get("TF_CONFIG", "") or "{}")
-    except ValueError:
-        return ""
-    task = config.get("task") or {}
-    if not task or len(config.get("cluster", {}).get("worker", [])) < 2:
-        return ""
-    return f".{task.get('type', 'worker')}{task.get('index', 0)}"

@@ -195,3 +195,43 @@ class UpdateSchedule:
 
     def __repr__(self):
         return f"UpdateSchedule({self.get_config()})"
+
+
+# ------------------------------------------------ EDST learning-rate plans
+LEARNING_RATE_PLANS = ("official", "step", "cosine")
+# Factor of the base rate at the start of each refinement phase, per plan.
+_DEFAULT_HEIGHT = {"official": 0.1, "step": 1.0, "cosine": 1.0}
+
+
+def learning_rate_factor(plan, phase, epoch_in_phase, phase_epochs,
+                         height=None):
+    """Factor of the base learning rate for one epoch of an EDST run.
+
+    Phase 0 (exploration) runs at the base rate under every plan. In a
+    refinement phase of E epochs, with h = `height` (the factor the phase
+    restarts at):
+
+    - "official" (the paper's code; h = 0.1): h for the first half, h / 10
+      for the second;
+    - "step" (h = 1): h for the first half, h / 10 to three quarters, h / 100
+      after;
+    - "cosine" (h = 1; snapshot ensembles' cyclic rate, per epoch):
+      h * (1 + cos(pi * e / E)) / 2 at epoch e of the phase.
+    """
+    if phase == 0:
+        return 1.0
+    h = _DEFAULT_HEIGHT[plan] if height is None else float(height)
+    e, span = epoch_in_phase, float(phase_epochs)
+    if plan == "official":
+        return h if e < span / 2.0 else h / 10.0
+    if plan == "step":
+        if e < span / 2.0:
+            return h
+        return h / 10.0 if e < 0.75 * span else h / 100.0
+    return h * 0.5 * (1.0 + math.cos(math.pi * e / span))
+
+
+def default_learning_rate_plan(phase, epoch_in_phase, phase_epochs):
+    """The paper code's plan ("official"), as a factor of the base rate."""
+    return learning_rate_factor("official", phase, epoch_in_phase,
+                                phase_epochs)

@@ -61,15 +61,13 @@ class SparsityMonitor(keras.callbacks.Callback):
     def _values(self):
         opt = find_sparse_optimizer(self.model)
         stats = opt.layer_stats()
-        active = sum(s["active"] for s in stats)
-        total = sum(s["total"] for s in stats)
-        ever = sum(s["ever_active"] * s["total"] for s in stats)
+        overall = opt.overall_stats(stats)
         values = {
-            "kft/density": active / total,
+            "kft/density": overall["density"],
             "kft/mask_changed": float(
                 np.mean([s["mask_changed"] for s in stats])
             ),
-            "kft/ever_active": ever / total,
+            "kft/ever_active": overall["ever_active"],
         }
         if self.per_layer:
             for s in stats:
@@ -152,10 +150,9 @@ def sparsity_summary(model_or_optimizer, print_fn=print):
             f"{s['density']:.4f}", f"{s['active']} / {s['total']}",
             f"{s['ever_active']:.4f}",
         ))
-    active = sum(s["active"] for s in stats)
-    total = sum(s["total"] for s in stats)
-    rows.append(("total", "", f"{active / total:.4f}",
-                 f"{active} / {total}", ""))
+    overall = opt.overall_stats(stats)
+    rows.append(("total", "", f"{overall['density']:.4f}",
+                 f"{overall['active']} / {overall['total']}", ""))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = []
     for i, row in enumerate(rows):
