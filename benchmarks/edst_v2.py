@@ -93,6 +93,14 @@ CONFIGS = {
                                      exclude_dropped=True,
                                      global_grow_init="random",
                                      global_drop_fraction=1.0),
+    "cosine_exclude_reinit_q0.9": dict(learning_rate_plan="cosine",
+                                       exclude_dropped=True,
+                                       global_grow_init="random",
+                                       global_drop_fraction=0.9),
+    "cosine_exclude_reinit_q0.95": dict(learning_rate_plan="cosine",
+                                        exclude_dropped=True,
+                                        global_grow_init="random",
+                                        global_drop_fraction=0.95),
     "cosine_p0.2_decay": dict(learning_rate_plan="cosine",
                               refinement_drop_fraction=0.2,
                               refinement_drop_decay="cosine"),
@@ -284,7 +292,9 @@ def cached_run(run, data, b, cache, protocol="mlp"):
         # A cached EDST run counts only if it used today's levers (the
         # defaults may have changed since).
         cached = json.loads(stem.with_suffix(".json").read_text())
-        fresh = cached.get("levers") == lever_settings(config)
+        levers = dict(LEVERS_BEFORE_THEY_EXISTED, **(cached.get("levers")
+                                                    or {}))
+        fresh = levers == lever_settings(config)
     if not fresh:
         print(f"[edst_v2] training {run}", flush=True)
         probs, facts = train_run(kind, config, seed, data, b, protocol)
@@ -302,6 +312,10 @@ def cached_run(run, data, b, cache, protocol="mlp"):
     probs = [{k: arrays[f"{i}_{k}"] for k in ("test", "digits", "noise")}
              for i in range(count)]
     return probs, facts
+
+
+# Runs cached before a lever existed ran with the value it was added with.
+LEVERS_BEFORE_THEY_EXISTED = {"global_grow_init": "zeros"}
 
 
 def lever_settings(config):
