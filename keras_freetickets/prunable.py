@@ -12,9 +12,36 @@ The built-in names cover the kernels of `Dense`, `EinsumDense`,
 `SeparableConv1D/2D` (`depthwise_kernel`, `pointwise_kernel`). `Embedding`
 tables (`embeddings`) are prunable on request only. Biases, normalization
 scales and every other 1-D variable are never pruned, whatever their name.
+
+Which weights of which built-in layer are sparse kernels, and what kind of
+product each one computes, is written once, in `kernel_roles` (with
+`kernel_variable` to read them): FLOPs accounting asks it, and the built-in
+prunable names come from it.
 """
 
-_PRUNABLE_NAMES = {"kernel", "depthwise_kernel", "pointwise_kernel"}
+# Built-in layers with sparse kernels: (layer class names, ((attribute, kind),
+# ...)). Checked in this order; the classes' hierarchies are disjoint.
+_KERNEL_ROLES = (
+    (
+        ("SeparableConv1D", "SeparableConv2D"),
+        (("depthwise_kernel", "conv"), ("pointwise_kernel", "conv")),
+    ),
+    (
+        ("Conv1DTranspose", "Conv2DTranspose", "Conv3DTranspose"),
+        (("kernel", "transpose"),),
+    ),
+    (
+        ("Conv1D", "Conv2D", "Conv3D", "DepthwiseConv1D", "DepthwiseConv2D"),
+        (("kernel", "conv"),),
+    ),
+    (("EinsumDense",), (("kernel", "einsum"),)),
+    (("Dense",), (("kernel", "dense"),)),
+)
+KERNEL_KINDS = ("dense", "einsum", "conv", "transpose")
+
+_PRUNABLE_NAMES = {
+    attribute for _, roles in _KERNEL_ROLES for attribute, _ in roles
+}
 _EMBEDDING_NAMES = {"embeddings"}
 _MARK_ATTR = "_kft_prunable"
 
@@ -105,3 +132,69 @@ def matches(key, path):
     if "/" in path and key.endswith("/" + path):
         return True
     return key in parts[:-1]
+
+
+def kernel_roles(layer):
+    """Returns the sparse kernels of a built-in layer and the product each computes.
+
+    This is the one place that knows which weights of which Keras layer are
+    the kernels that dynamic sparse training prunes. The kind says how a
+    kernel is applied, which is what FLOPs accounting and compact export
+    need:
+
+    - `"dense"`: `Dense`, a matrix product over the input's last axis.
+    - `"einsum"`: `EinsumDense`, the layer's einsum equation.
+    - `"conv"`: `Conv1D/2D/3D` (grouped or not), `DepthwiseConv1D/2D`, and
+      both kernels of `SeparableConv1D/2D`, applied at every output position.
+    - `"transpose"`: `Conv1D/2D/3DTranspose`, applied at every input position.
+
+    Any other layer (embeddings, normalization, recurrent and custom layers)
+    has no roles, even if some of its weights are prunable by name or mark.
+
+    Args:
+        layer: a `keras.layers.Layer`.
+
+    Returns:
+        A list of `(attribute, kind)` pairs, for example
+        `[("depthwise_kernel", "conv"), ("pointwise_kernel", "conv")]` for a
+        `SeparableConv2D`, or `[]`. `attribute` names the weight on the layer
+        (read it with `kernel_variable`), `kind` is one of `KERNEL_KINDS`.
+
+    Example:
+
+    ```python
+    layer = keras.layers.Dense(10)
+    prunable.kernel_roles(layer)  # [("kernel", "dense")]
+    ```
+    """
+    import keras
+
+    for class_names, roles in _KERNEL_ROLES:
+        classes = tuple(getattr(keras.layers, name) for name in class_names)
+        if isinstance(layer, classes):
+            return list(roles)
+    return []
+
+
+def kernel_variable(layer, attribute):
+    """Returns the `keras.Variable` a layer holds as `attribute`, or None.
+
+    `Dense`, `EinsumDense` and the convolutions keep the kernel variable in
+    `_kernel` and expose `kernel` as a property (which adds the LoRA terms
+    when LoRA is enabled), so the variable itself is looked up first.
+
+    Args:
+        layer: a `keras.layers.Layer`.
+        attribute: str, an attribute named by `kernel_roles(layer)`.
+
+    Returns:
+        The `keras.Variable`, or None when the layer holds none there (for
+        example a layer that is not built yet).
+    """
+    import keras
+
+    for name in ("_" + attribute, attribute):
+        value = getattr(layer, name, None)
+        if isinstance(value, keras.Variable):
+            return value
+    return None
