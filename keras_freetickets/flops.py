@@ -16,7 +16,8 @@ whose kernels do the work, scaled by the density of each kernel:
   kernel and density, both over the output's spatial dims.
 - `Conv1D/2D/3DTranspose`: `2 * prod(kernel.shape) * prod(input spatial dims)`.
 
-Every other layer counts 0: biases, activations, normalization, pooling and
+The layers and kernels counted are those of `prunable.kernel_roles`. Every
+other layer counts 0: biases, activations, normalization, pooling and
 embedding lookups are ignored, as in RigL's accounting, and so are recurrent
 layers and custom layers. The shapes are found by one forward pass on zeros
 (batch 1) with each layer's `call` wrapped to record its input and output, so
@@ -35,6 +36,13 @@ import math
 
 import numpy as np
 
+from keras_freetickets import prunable
+from keras_freetickets._flops_trace import (
+    densities_from,
+    kernel_positions,
+    trace_calls,
+)
+
 __all__ = [
     "METHODS",
     "dense_forward_flops",
@@ -47,234 +55,6 @@ __all__ = [
 ]
 
 METHODS = ("dense", "dense_ensemble", "dst", "dst_ensemble", "edst")
-
-
-def _kernel_roles(layer):
-    """[(attribute, kind)] for a counted layer, or [] for one that is not."""
-    import keras
-
-    layers = keras.layers
-    if isinstance(layer, (layers.SeparableConv1D, layers.SeparableConv2D)):
-        return [("depthwise_kernel", "conv"), ("pointwise_kernel", "conv")]
-    if isinstance(
-        layer,
-        (layers.Conv1DTranspose, layers.Conv2DTranspose, layers.Conv3DTranspose),
-    ):
-        return [("kernel", "transpose")]
-    if isinstance(
-        layer,
-        (
-            layers.Conv1D,
-            layers.Conv2D,
-            layers.Conv3D,
-            layers.DepthwiseConv1D,
-            layers.DepthwiseConv2D,
-        ),
-    ):
-        return [("kernel", "conv")]
-    if isinstance(layer, layers.EinsumDense):
-        return [("kernel", "einsum")]
-    if isinstance(layer, layers.Dense):
-        return [("kernel", "dense")]
-    return []
-
-
-def _variable(layer, attribute):
-    import keras
-
-    # Dense, EinsumDense and Conv keep the variable in `_kernel` and expose
-    # `kernel` as a property (which adds LoRA terms when enabled).
-    for name in ("_" + attribute, attribute):
-        value = getattr(layer, name, None)
-        if isinstance(value, keras.Variable):
-            return value
-    return None
-
-
-def _spatial(shape, data_format):
-    # shape includes the batch dimension, which is 1 in the traced call (or
-    # the folded batch * time of a TimeDistributed wrapper); keep it.
-    if data_format == "channels_first":
-        return math.prod(shape[:1]) * math.prod(shape[2:])
-    return math.prod(shape[:-1])
-
-
-def _einsum_positions(equation, input_shape):
-    """Product of the input dimensions that the kernel does not contract."""
-    lhs = equation.split("->")[0]
-    input_spec, kernel_spec = lhs.split(",")
-    kernel_letters = set(kernel_spec.replace(".", ""))
-    if "..." in input_spec:
-        head, tail = input_spec.split("...")
-        n_ellipsis = len(input_shape) - len(head) - len(tail)
-        letters = list(head) + [None] * n_ellipsis + list(tail)
-    else:
-        letters = list(input_spec)
-    positions = 1
-    for letter, size in zip(letters, input_shape):
-        if letter is None or letter not in kernel_letters:
-            positions *= size
-    return positions
-
-
-def _positions(layer, kind, input_shape, output_shape):
-    if kind == "dense":
-        return math.prod(input_shape[:-1])
-    if kind == "einsum":
-        return _einsum_positions(layer.equation, input_shape)
-    data_format = getattr(layer, "data_format", "channels_last")
-    if kind == "transpose":
-        return _spatial(input_shape, data_format)
-    return _spatial(output_shape, data_format)
-
-
-def _shape_of(x):
-    shape = getattr(x, "shape", None)
-    if shape is None:
-        return None
-    shape = tuple(shape)
-    if any(d is None for d in shape):
-        return None
-    return tuple(int(d) for d in shape)
-
-
-def _zeros_inputs(model, input_shape):
-    """Batch-1 zero inputs for `model`, from `input_shape` or model.inputs."""
-    import keras
-
-    model_inputs = None
-    try:
-        model_inputs = model.inputs
-    except (AttributeError, ValueError):
-        model_inputs = None
-    if input_shape is None:
-        if not model_inputs:
-            raise ValueError(
-                f"Cannot tell the input shape of model {model.name!r} (a "
-                "subclassed or unbuilt model). Pass `input_shape`, the shape "
-                "of one example without the batch dimension, for example "
-                "input_shape=(28, 28, 1)."
-            )
-        shapes = []
-        for tensor in model_inputs:
-            shape = tuple(tensor.shape)[1:]
-            if any(d is None for d in shape):
-                raise ValueError(
-                    f"The input {tensor.name!r} of model {model.name!r} has "
-                    f"unknown dimensions {tuple(tensor.shape)}. Pass "
-                    "`input_shape` (without the batch dimension)."
-                )
-            shapes.append(shape)
-    else:
-        if all(isinstance(d, (int, np.integer)) for d in input_shape):
-            shapes = [tuple(int(d) for d in input_shape)]
-        else:
-            shapes = [tuple(int(d) for d in s) for s in input_shape]
-    dtypes = ["float32"] * len(shapes)
-    if model_inputs and len(model_inputs) == len(shapes):
-        dtypes = [str(getattr(t, "dtype", "float32")) for t in model_inputs]
-    arrays = [np.zeros((1,) + s, dtype=d) for s, d in zip(shapes, dtypes)]
-    struct = getattr(model, "_inputs_struct", None)
-    if struct is not None and model_inputs and len(model_inputs) == len(arrays):
-        flat = iter(arrays)
-        return keras.tree.map_structure(lambda _: next(flat), struct)
-    return arrays[0] if len(arrays) == 1 else arrays
-
-
-def _trace_calls(model, input_shape):
-    """Runs the model once; returns [(layer, input_shape, output_shape)]."""
-    inputs = _zeros_inputs(model, input_shape)
-    sublayers = [
-        layer
-        for layer in model._flatten_layers(include_self=True, recursive=True)
-        if _kernel_roles(layer)
-    ]
-    if not all(
-        layer.built for layer in model._flatten_layers(include_self=True)
-    ):
-        # Building a subclassed model may trace `call` once more; do it
-        # before recording.
-        model(inputs, training=False)
-    records = []
-
-    def wrap(layer, original):
-        def call(*args, **kwargs):
-            outputs = original(*args, **kwargs)
-            x = args[0] if args else kwargs.get("inputs")
-            records.append((layer, _shape_of(x), _shape_of(outputs)))
-            return outputs
-
-        return call
-
-    wrapped = []
-    try:
-        for layer in sublayers:
-            object.__setattr__(layer, "call", wrap(layer, layer.call))
-            wrapped.append(layer)
-        model(inputs, training=False)
-    finally:
-        for layer in wrapped:
-            object.__delattr__(layer, "call")
-    return sublayers, records
-
-
-def _match(mapping, paths, argument):
-    """Resolves keys (full variable paths or whole-component suffixes)."""
-    resolved = {}
-    for key, value in mapping.items():
-        if key in paths:
-            resolved.setdefault(key, value)
-            continue
-        hits = [p for p in paths if p.endswith("/" + key)]
-        if not hits:
-            raise ValueError(
-                f"Argument `{argument}` names {key!r}, which is no variable of "
-                f"the model. Variables: {sorted(paths)}"
-            )
-        for path in hits:
-            if path not in mapping:
-                resolved.setdefault(path, value)
-    return resolved
-
-
-def _densities_from(model, densities, masks):
-    import keras
-
-    if densities is not None and masks is not None:
-        raise ValueError(
-            "Pass either `densities` or `masks`, not both. Received: "
-            f"densities={densities!r}, masks={list(masks)}"
-        )
-    paths = {v.path: v for v in model.variables}
-    result = {}
-    if densities is not None:
-        for path, value in _match(densities, paths, "densities").items():
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, (int, float, np.integer, np.floating))
-                or not 0.0 <= float(value) <= 1.0
-            ):
-                raise ValueError(
-                    "Argument `densities` must map to values in [0, 1]. "
-                    f"Received: densities[{path!r}]={value!r}"
-                )
-            result[path] = float(value)
-    if masks is not None:
-        for path, mask in _match(masks, paths, "masks").items():
-            array = np.asarray(keras.ops.convert_to_numpy(mask), dtype=np.float64)
-            if array.shape != tuple(paths[path].shape):
-                raise ValueError(
-                    f"The mask for {path!r} has shape {array.shape}, but the "
-                    f"variable has shape {tuple(paths[path].shape)}."
-                )
-            if array.size and (array.min() < 0.0 or array.max() > 1.0):
-                raise ValueError(
-                    f"Argument `masks` must hold values in [0, 1]. Received: "
-                    f"masks[{path!r}] with values in [{array.min()}, "
-                    f"{array.max()}]"
-                )
-            result[path] = float(array.mean()) if array.size else 1.0
-    return result
 
 
 def layer_flops(model, densities=None, input_shape=None, masks=None):
@@ -310,8 +90,8 @@ def layer_flops(model, densities=None, input_shape=None, masks=None):
     # rows[0]["flops"] == 0.5 * 2 * 784 * 300
     ```
     """
-    sublayers, records = _trace_calls(model, input_shape)
-    density_of = _densities_from(model, densities, masks)
+    sublayers, records = trace_calls(model, input_shape)
+    density_of = densities_from(model, densities, masks)
     positions = {}
     order = []
     for layer, in_shape, out_shape in records:
@@ -321,20 +101,20 @@ def layer_flops(model, densities=None, input_shape=None, masks=None):
                 f"(input {in_shape}, output {out_shape}); FLOPs need static "
                 "shapes."
             )
-        for attribute, kind in _kernel_roles(layer):
+        for attribute, kind in prunable.kernel_roles(layer):
             key = (id(layer), attribute)
             if key not in positions:
                 positions[key] = 0
                 order.append((layer, attribute))
-            positions[key] += _positions(layer, kind, in_shape, out_shape)
+            positions[key] += kernel_positions(layer, kind, in_shape, out_shape)
     for layer in sublayers:  # layers the forward pass never called
-        for attribute, _ in _kernel_roles(layer):
+        for attribute, _ in prunable.kernel_roles(layer):
             if (id(layer), attribute) not in positions:
                 positions[(id(layer), attribute)] = 0
                 order.append((layer, attribute))
     rows = []
     for layer, attribute in order:
-        variable = _variable(layer, attribute)
+        variable = prunable.kernel_variable(layer, attribute)
         if variable is None:
             continue
         dense = 2 * math.prod(variable.shape) * positions[(id(layer), attribute)]
