@@ -143,7 +143,7 @@ def make_config(budget, l2=ft.L2):
     )
 
 
-class _Data(ft._Data):
+class ProtocolData(ft.ProtocolData):
     """fmnist_table's arrays, the test and OOD sets cut to `eval_examples`."""
 
     def __init__(self, config):
@@ -184,7 +184,7 @@ class Runner:
 
         self.config = config
         self.work_dir = pathlib.Path(work_dir)
-        self.data = _Data(config)
+        self.data = ProtocolData(config)
         self.corrupted = corrupted
         self.cache = {}
         self.seconds = {}
@@ -310,17 +310,17 @@ def _train_dense_steps(config, data, seed, steps_per_epoch):
         optimizer=keras.optimizers.SGD(ft.LEARNING_RATE, momentum=ft.MOMENTUM),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
     )
-    timer = ft._epoch_timer(f"dense@flops seed {seed}", config["epochs"])
+    timer = ft.epoch_timer(f"dense@flops seed {seed}", config["epochs"])
     start = time.perf_counter()
     model.fit(data.train_dataset(seed).repeat(), epochs=config["epochs"],
               steps_per_epoch=steps_per_epoch, verbose=0,
-              callbacks=[ft._lr_scheduler(config), timer])
+              callbacks=[ft.lr_scheduler(config), timer])
     return dict(
         seed=seed, epoch_seconds=timer.seconds,
         wall_seconds=time.perf_counter() - start,
         steps=int(keras.ops.convert_to_numpy(model.optimizer.iterations)),
         update_steps=0, density=1.0,
-        probs=ft._predict_member(model, data),
+        probs=ft.predict_member(model, data),
     )
 
 
@@ -880,7 +880,7 @@ def run_experiments(experiments, budget, out, readme=None, work_dir=None,
                                         runner.seconds.items()},
                            **result)
             (out / f"{stem}.json").write_text(
-                json.dumps(ft._to_json(payload), indent=2) + "\n")
+                json.dumps(ft.to_json(payload), indent=2) + "\n")
             (out / f"{stem}.md").write_text(block)
             if readme:
                 ft.write_readme(readme, stem, block)

@@ -285,13 +285,13 @@ def cached_run(run, data, b, cache, protocol="mlp"):
     import numpy as np
 
     kind, config, seed = parse_run(run)
-    stem = cache / run.replace(":", "_")
-    fresh = stem.with_suffix(".json").exists() and stem.with_suffix(
-        ".npz").exists()
+    name = run.replace(":", "_")
+    paths = {ext: cache / f"{name}.{ext}" for ext in ("json", "npz")}
+    fresh = paths["json"].exists() and paths["npz"].exists()
     if fresh and config is not None:
         # A cached EDST run counts only if it used today's levers (the
         # defaults may have changed since).
-        cached = json.loads(stem.with_suffix(".json").read_text())
+        cached = json.loads(paths["json"].read_text())
         levers = dict(LEVERS_BEFORE_THEY_EXISTED, **(cached.get("levers")
                                                     or {}))
         fresh = levers == lever_settings(config)
@@ -301,13 +301,13 @@ def cached_run(run, data, b, cache, protocol="mlp"):
         cache.mkdir(parents=True, exist_ok=True)
         arrays = {f"{i}_{k}": v for i, p in enumerate(probs)
                   for k, v in p.items()}
-        tmp = stem.with_suffix(".tmp.npz")
+        tmp = cache / f"{name}.tmp.npz"
         np.savez_compressed(tmp, **arrays)
-        os.replace(tmp, stem.with_suffix(".npz"))
-        stem.with_suffix(".json").write_text(json.dumps(facts, indent=1))
+        os.replace(tmp, paths["npz"])
+        paths["json"].write_text(json.dumps(facts, indent=1))
         print(f"[edst_v2] {run} done in {facts['seconds']:.0f} s", flush=True)
-    facts = json.loads(stem.with_suffix(".json").read_text())
-    arrays = np.load(stem.with_suffix(".npz"))
+    facts = json.loads(paths["json"].read_text())
+    arrays = np.load(paths["npz"])
     count = 1 + max(int(k.split("_")[0]) for k in arrays.files)
     probs = [{k: arrays[f"{i}_{k}"] for k in ("test", "digits", "noise")}
              for i in range(count)]
@@ -608,16 +608,22 @@ def cnn_table(data, b, cache, out, command):
 def main(argv):
     del argv
     _validate(FLAGS)
-    b = budget("cnn" if FLAGS.mode == "cnn" else "mlp", FLAGS.quick)
-    data = Data("cnn" if FLAGS.mode == "cnn" else "mlp", b["train"])
     cache = pathlib.Path(FLAGS.cache_dir) / ("quick" if FLAGS.quick else "")
     out = pathlib.Path(FLAGS.out)
     command = "python benchmarks/edst_v2.py " + " ".join(sys.argv[1:])
     if FLAGS.runs:
-        for run in FLAGS.runs:
-            cached_run(run, data, b, cache,
-                       "cnn" if run.startswith("cnn") else "mlp")
+        for protocol in ("mlp", "cnn"):
+            runs = [r for r in FLAGS.runs
+                    if r.startswith("cnn:") == (protocol == "cnn")]
+            if runs:
+                b = budget(protocol, FLAGS.quick)
+                data = Data(protocol, b["train"])
+                for run in runs:
+                    cached_run(run, data, b, cache, protocol)
         return
+    protocol = "cnn" if FLAGS.mode == "cnn" else "mlp"
+    b = budget(protocol, FLAGS.quick)
+    data = Data(protocol, b["train"])
     seeds = [int(s) for s in FLAGS.seeds]
     if FLAGS.mode == "levers":
         levers(data, b, cache, out, FLAGS.configs, seeds, command)

@@ -270,7 +270,7 @@ def build_model(protocol, seed=None, l2=L2):
     return protocols.build_model(protocol, seed=seed, l2=l2)
 
 
-def _epoch_timer(label, epochs):
+def epoch_timer(label, epochs):
     """A callback recording wall seconds per epoch and printing progress."""
     import keras
 
@@ -291,7 +291,7 @@ def _epoch_timer(label, epochs):
     return EpochTimer()
 
 
-class _Data:
+class ProtocolData:
     """The protocol's arrays: train, test and the two OOD sets."""
 
     def __init__(self, protocol, train_examples):
@@ -321,7 +321,7 @@ class _Data:
 
 
 # ------------------------------------------------------------- training
-def _lr_scheduler(config):
+def lr_scheduler(config):
     import keras
 
     boundaries = config["lr_boundaries"]
@@ -358,7 +358,7 @@ def _density(kernels):
     return active / sum(k.size for k in kernels.values())
 
 
-def _predict_member(model, data):
+def predict_member(model, data):
     """Softmax probabilities of one logits model on test and OOD sets."""
     probs = {"test": _softmax(model.predict(data.x_test, batch_size=1024,
                                             verbose=0))}
@@ -377,16 +377,16 @@ def train_dense(config, data, seed):
         optimizer=keras.optimizers.SGD(LEARNING_RATE, momentum=MOMENTUM),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
     )
-    timer = _epoch_timer(f"dense seed {seed}", config["epochs"])
+    timer = epoch_timer(f"dense seed {seed}", config["epochs"])
     start = time.perf_counter()
     model.fit(data.train_dataset(seed), epochs=config["epochs"], verbose=0,
-              callbacks=[_lr_scheduler(config), timer])
+              callbacks=[lr_scheduler(config), timer])
     wall = time.perf_counter() - start
     return dict(
         seed=seed, epoch_seconds=timer.seconds, wall_seconds=wall,
         steps=int(keras.ops.convert_to_numpy(model.optimizer.iterations)),
         update_steps=0, density=_density(_kernel_arrays(model)),
-        probs=_predict_member(model, data),
+        probs=predict_member(model, data),
     )
 
 
@@ -453,10 +453,10 @@ def train_dst(config, data, member_dir, build=None, label="DST"):
     timers, counters = [], []
 
     def callbacks(index):
-        timers.append(_epoch_timer(f"{label} member {index}",
+        timers.append(epoch_timer(f"{label} member {index}",
                                    config["epochs"]))
         counters.append(_counter_callback())
-        return [_lr_scheduler(config), timers[-1], counters[-1]]
+        return [lr_scheduler(config), timers[-1], counters[-1]]
 
     if build is None:
         def build(seed):
@@ -511,7 +511,7 @@ def train_edst(config, data, member_dir):
         global_drop_fraction=config["edst_global_drop_fraction"],
         member_dir=member_dir,
     )
-    timer = _epoch_timer("EDST", edst.total_epochs)
+    timer = epoch_timer("EDST", edst.total_epochs)
     start = time.perf_counter()
     model.fit(data.train_dataset(0), epochs=edst.total_epochs, verbose=0,
               callbacks=[edst, timer])
@@ -902,13 +902,13 @@ def write_readme(path, marker_key, block):
     os.replace(tmp, path)
 
 
-def _to_json(value):
+def to_json(value):
     import numpy as np
 
     if isinstance(value, dict):
-        return {str(k): _to_json(v) for k, v in value.items()}
+        return {str(k): to_json(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_to_json(v) for v in value]
+        return [to_json(v) for v in value]
     if isinstance(value, np.ndarray):
         return value.tolist()
     if isinstance(value, np.generic):
@@ -923,7 +923,7 @@ def run(config, work_dir):
 
     import keras_freetickets as kft
 
-    data = _Data(config["protocol"], config["train_examples"])
+    data = ProtocolData(config["protocol"], config["train_examples"])
     keras.backend.clear_session()
     runs = {"f_dense": float(kft.flops.dense_forward_flops(
         build_model(config["protocol"], 0, config["l2"])))}
@@ -1017,7 +1017,7 @@ def main(argv):
         verdict=dict(checks=checks, text=text),
     )
     json_path = out / f"{config['key']}.json"
-    json_path.write_text(json.dumps(_to_json(result), indent=2) + "\n")
+    json_path.write_text(json.dumps(to_json(result), indent=2) + "\n")
     md_path = out / f"{config['key']}.md"
     md_path.write_text(block)
     if FLAGS.readme:
