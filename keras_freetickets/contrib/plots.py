@@ -18,15 +18,33 @@ use, so importing this module costs nothing.
 - `mask_overlap_heatmap`: the matrix of `members.pairwise_mask_overlap`.
 - `metric_vs_flops`: accuracy, NLL, ... of each method against its training
   FLOPs, one panel per metric, one line per method.
-"""
 
-import os
+Figure plumbing and argument checks are in the private `_plot_helpers` module.
+"""
 
 import numpy as np
 
 from keras_freetickets import metrics as metrics_lib
+from keras_freetickets.contrib._plot_helpers import (
+    DPI,
+    check_int,
+    finish,
+    named_arrays,
+    new_figure,
+    short_layer,
+)
 
-DPI = 100
+__all__ = [
+    "COLORS",
+    "DPI",
+    "METRIC_LABELS",
+    "layer_density_bars",
+    "mask_overlap_heatmap",
+    "metric_vs_flops",
+    "ood_score_histograms",
+    "reliability_diagram",
+]
+
 # Colour cycle (matplotlib's tab10, written out so that a style sheet does not
 # change which colour a method gets from one plot to the next).
 COLORS = (
@@ -73,10 +91,10 @@ def reliability_diagram(labels, probs, num_bins=15, path=None, title=None):
         path="reliability.png")
     ```
     """
-    probs = _named_arrays("probs", probs, ndim=2)
+    probs = named_arrays("probs", probs, ndim=2)
     labels = np.asarray(labels)
-    _check_int("num_bins", num_bins, 1)
-    figure, axes = _figure(1, len(probs), panel_size=(3.4, 3.4))
+    check_int("num_bins", num_bins, 1)
+    figure, axes = new_figure(1, len(probs), panel_size=(3.4, 3.4))
     width = 1.0 / num_bins
     centers = (np.arange(num_bins) + 0.5) * width
     for index, (ax, (name, p)) in enumerate(zip(axes, probs.items())):
@@ -110,7 +128,7 @@ def reliability_diagram(labels, probs, num_bins=15, path=None, title=None):
         if index == 0:
             ax.set_ylabel("accuracy")
             ax.legend(loc="upper left", fontsize=8)
-    return _finish(figure, path, title)
+    return finish(figure, path, title)
 
 
 def ood_score_histograms(in_probs, ood_probs, score="max_prob", bins=30,
@@ -146,17 +164,17 @@ def ood_score_histograms(in_probs, ood_probs, score="max_prob", bins=30,
         path="ood_histograms.png")
     ```
     """
-    in_probs = _named_arrays("in_probs", in_probs, ndim=2)
+    in_probs = named_arrays("in_probs", in_probs, ndim=2)
     if not isinstance(ood_probs, dict) or set(ood_probs) != set(in_probs):
         raise ValueError(
             "Argument `ood_probs` must be a dict with the same model names as "
             f"`in_probs` ({sorted(in_probs)}). Received: "
             f"{sorted(ood_probs) if isinstance(ood_probs, dict) else ood_probs!r}"
         )
-    _check_int("bins", bins, 1)
-    figure, axes = _figure(1, len(in_probs), panel_size=(3.6, 3.0))
+    check_int("bins", bins, 1)
+    figure, axes = new_figure(1, len(in_probs), panel_size=(3.6, 3.0))
     for index, (ax, (name, p)) in enumerate(zip(axes, in_probs.items())):
-        sets = _named_arrays(f"ood_probs[{name!r}]", ood_probs[name], ndim=2,
+        sets = named_arrays(f"ood_probs[{name!r}]", ood_probs[name], ndim=2,
                              allow_empty=True)
         in_scores = metrics_lib.ood_scores(p, score)
         all_scores = [in_scores] + [
@@ -181,7 +199,7 @@ def ood_score_histograms(in_probs, ood_probs, score="max_prob", bins=30,
         ax.legend(loc="upper left", fontsize=8)
         if index == 0:
             ax.set_ylabel("density")
-    return _finish(figure, path, title)
+    return finish(figure, path, title)
 
 
 def layer_density_bars(densities, path=None, title=None, reference=None,
@@ -235,7 +253,7 @@ def layer_density_bars(densities, path=None, title=None, reference=None,
                     f"Densities must be in [0, 1]. Received: "
                     f"densities[{series!r}][{layer!r}]={value!r}"
                 )
-    figure, (ax,) = _figure(1, 1, panel_size=(max(4.5, 1.3 * len(layers)
+    figure, (ax,) = new_figure(1, 1, panel_size=(max(4.5, 1.3 * len(layers)
                                                   + 2.0), 3.2))
     count = len(densities)
     width = 0.8 / count
@@ -250,14 +268,14 @@ def layer_density_bars(densities, path=None, title=None, reference=None,
     notes = layer_notes or {}
     ax.set_xticks(x)
     ax.set_xticklabels(
-        [_short_layer(layer) + (f"\n{notes[layer]}" if layer in notes else "")
+        [short_layer(layer) + (f"\n{notes[layer]}" if layer in notes else "")
          for layer in layers],
         rotation=20 if len(layers) > 4 else 0, fontsize=8,
     )
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("density (active fraction)")
     ax.legend(fontsize=8, loc="upper left")
-    return _finish(figure, path, title)
+    return finish(figure, path, title)
 
 
 def mask_overlap_heatmap(overlap, labels=None, path=None, title=None,
@@ -307,7 +325,7 @@ def mask_overlap_heatmap(overlap, labels=None, path=None, title=None,
             f"`overlap`. Received: {len(labels)}"
         )
     side = max(3.2, 0.65 * size + 2.2)
-    figure, (ax,) = _figure(1, 1, panel_size=(side + 0.8, side))
+    figure, (ax,) = new_figure(1, 1, panel_size=(side + 0.8, side))
     image = ax.imshow(overlap, vmin=0.0, vmax=1.0, cmap="viridis")
     for i in range(size):
         for j in range(size):
@@ -326,7 +344,7 @@ def mask_overlap_heatmap(overlap, labels=None, path=None, title=None,
             f"independent random masks overlap ~{float(reference):.2f}",
             fontsize=8,
         )
-    return _finish(figure, path, title)
+    return finish(figure, path, title)
 
 
 def metric_vs_flops(curves, metrics=("accuracy", "nll"), path=None,
@@ -390,7 +408,7 @@ def metric_vs_flops(curves, metrics=("accuracy", "nll"), path=None,
                 f"{list(curve['flops'])}"
             )
         all_flops.extend(flops.tolist())
-    figure, axes = _figure(1, len(metrics), panel_size=(3.8, 3.2))
+    figure, axes = new_figure(1, len(metrics), panel_size=(3.8, 3.2))
     log_x = max(all_flops) / min(all_flops) > 10.0
     for ax, metric in zip(axes, metrics):
         for k, (name, curve) in enumerate(curves.items()):
@@ -409,65 +427,4 @@ def metric_vs_flops(curves, metrics=("accuracy", "nll"), path=None,
         ax.set_ylabel(METRIC_LABELS.get(metric, metric))
         ax.grid(True, alpha=0.3)
     axes[0].legend(fontsize=8)
-    return _finish(figure, path, title)
-
-
-# ------------------------------------------------------------------ helpers
-def _figure(rows, cols, panel_size):
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(panel_size[0] * cols, panel_size[1] * rows),
-                    dpi=DPI, layout="constrained")
-    axes = figure.subplots(rows, cols, squeeze=False).ravel().tolist()
-    return figure, axes
-
-
-def _finish(figure, path, title):
-    if title:
-        figure.suptitle(title, fontsize=11)
-    if path is not None:
-        path = os.fspath(path)
-        folder = os.path.dirname(path)
-        if folder:
-            os.makedirs(folder, exist_ok=True)
-        figure.savefig(path, format="png", dpi=DPI)
-    return figure
-
-
-def _named_arrays(name, value, ndim, allow_empty=False):
-    if not isinstance(value, dict):
-        value = {"model": value}
-    if not value and not allow_empty:
-        raise ValueError(
-            f"Argument `{name}` must hold at least one array. Received: {{}}"
-        )
-    result = {}
-    for key, array in value.items():
-        array = np.asarray(array, dtype=np.float64)
-        if array.ndim != ndim or array.shape[0] == 0:
-            raise ValueError(
-                f"Argument `{name}` must map names to non-empty arrays of "
-                f"rank {ndim}. Received for {key!r}: shape {array.shape}"
-            )
-        result[str(key)] = array
-    return result
-
-
-def _check_int(name, value, minimum):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or (
-        value < minimum
-    ):
-        raise ValueError(
-            f"Argument `{name}` must be an int >= {minimum}. Received: "
-            f"{name}={value!r}"
-        )
-
-
-def _short_layer(path):
-    """'sequential/dense_1/kernel' -> 'dense_1' (kernel names are implied)."""
-    parts = str(path).split("/")
-    if len(parts) >= 2 and parts[-1] in ("kernel", "depthwise_kernel"):
-        return parts[-2]
-    if len(parts) >= 2:
-        return "/".join(parts[-2:])
-    return parts[0]
+    return finish(figure, path, title)
