@@ -19,6 +19,14 @@ from keras_freetickets.sparsity_monitor import find_sparse_optimizer
 
 REFINEMENT_DECAYS = ("constant", "cosine")
 GROW_INITS = {"zeros": 0.0, "random": 1.0}
+# The paper code's EDST, one argument away: `EDSTCallback(preset="official")`.
+OFFICIAL_LEVERS = dict(
+    learning_rate_plan="official", restart_height=None, global_grow="random",
+    global_drop_fraction=0.8, exclude_dropped=False, novelty=0.0,
+    refinement_drop_fraction=None, refinement_drop_decay="constant",
+    global_grow_init="zeros",
+)
+PRESETS = ("official",)
 
 
 @keras.saving.register_keras_serializable(package="keras_freetickets")
@@ -122,8 +130,22 @@ class EDSTCallback(keras.callbacks.Callback):
         global_grow_init="zeros",
         save_best=None,
         save_best_mode=None,
+        preset=None,
     ):
         super().__init__()
+        if preset is not None:
+            levers = _apply_preset(preset, dict(
+                learning_rate_plan=learning_rate_plan,
+                restart_height=restart_height, global_grow=global_grow,
+                global_drop_fraction=global_drop_fraction,
+                exclude_dropped=exclude_dropped, novelty=novelty,
+                refinement_drop_fraction=refinement_drop_fraction,
+                refinement_drop_decay=refinement_drop_decay,
+                global_grow_init=global_grow_init))
+            (learning_rate_plan, restart_height, global_grow,
+             global_drop_fraction, exclude_dropped, novelty,
+             refinement_drop_fraction, refinement_drop_decay,
+             global_grow_init) = levers.values()
         check_int("num_members", num_members, 1)
         check_int("exploration_epochs", exploration_epochs, 0)
         check_int("refinement_epochs", refinement_epochs, 1)
@@ -154,7 +176,7 @@ class EDSTCallback(keras.callbacks.Callback):
                 "Argument `global_grow` must be 'random', 'gradient' or None. "
                 f"Received: global_grow={global_grow!r}"
             )
-        learning_rate_plan = learning_rate_plan or "official"
+        learning_rate_plan = learning_rate_plan or "cosine"
         if not callable(learning_rate_plan) and (
             learning_rate_plan not in LEARNING_RATE_PLANS
         ):
@@ -431,3 +453,24 @@ def _check_positive(name, value, allow_zero=False):
             f"Argument `{name}` must be a finite number {bound}. "
             f"Received: {name}={value!r}"
         )
+
+
+def _apply_preset(preset, given):
+    """The levers of `preset`; a lever also given explicitly must agree."""
+    if preset not in PRESETS:
+        raise ValueError(
+            f"Argument `preset` must be one of {list(PRESETS)} or None. "
+            f"Received: preset={preset!r}"
+        )
+    import inspect
+
+    defaults = inspect.signature(EDSTCallback.__init__).parameters
+    for name, value in given.items():
+        default = defaults[name].default
+        if value != default and value != OFFICIAL_LEVERS[name]:
+            raise ValueError(
+                f"preset={preset!r} sets `{name}` to "
+                f"{OFFICIAL_LEVERS[name]!r}. Received also: {name}={value!r}"
+            )
+    return dict(OFFICIAL_LEVERS)
+

@@ -80,7 +80,7 @@ def test_edst_run_saves_members_with_plan_explorations_and_quiet_tails(
     opt = compile_sparse(model, update_interval=5)
     edst = kft.EDSTCallback(num_members=3, exploration_epochs=2,
                             refinement_epochs=2, member_dir=tmp_path / "m",
-                            global_drop_fraction=0.8)
+                            global_drop_fraction=0.8, preset="official")
     rec = Recorder(opt)
     x, y = toy_data()
     model.fit(x, y, batch_size=32, epochs=edst.total_epochs, shuffle=False,

@@ -365,3 +365,18 @@ def test_monitor_and_mode_follow_keras_words(tmp_path):
         members_lib.member_path(tmp_path, 0))
     assert meta["monitor"] == pytest.approx(max(phase))
     assert meta["epoch"] == 2 + int(np.argmax(phase))
+
+
+def test_official_preset_is_one_argument_away():
+    official = kft.EDSTCallback(member_dir="m", preset="official")
+    config = official.get_config()
+    for name, value in edst_lib.OFFICIAL_LEVERS.items():
+        assert config[name] == value, name
+    assert kft.EDSTCallback(member_dir="m", preset="official",
+                            learning_rate_plan="official").get_config() == (
+        config)
+    with pytest.raises(ValueError, match="exclude_dropped=True"):
+        kft.EDSTCallback(member_dir="m", preset="official",
+                         exclude_dropped=True)
+    with pytest.raises(ValueError, match="preset='paper'"):
+        kft.EDSTCallback(member_dir="m", preset="paper")
