@@ -65,6 +65,6 @@ echo "[cifar10_wrn_v1] DST Ensemble + dense baseline: $DST_EPOCHS epochs each"
 echo "[cifar10_wrn_v1] EDST Ensemble: $EXPLORATION + 3 x $REFINEMENT epochs"
 "$PYTHON" examples/train_edst_ensemble.py "${COMMON[@]}" \
   --exploration_epochs="$EXPLORATION" --refinement_epochs="$REFINEMENT" \
-  --global_drop_fraction=0.8 --nodense_baseline --output_dir="$OUT/edst"
+  --global_drop_fraction=0.8 --edst_preset=official --nodense_baseline --output_dir="$OUT/edst"
 
 echo "[cifar10_wrn_v1] results: $OUT/dst/results.json $OUT/edst/results.json"

@@ -192,11 +192,19 @@ FLAG_SPECS = {
         _at_least(1), "Argument `refinement_epochs` must be >= 1.",
     ),
     "global_drop_fraction": _spec(
-        "float", 0.8,
+        "float", None,
         "EDST: fraction q in (0, 1] of the active weights that each global "
-        "exploration between two members replaces (0.8 in the paper).",
+        "exploration between two members replaces (default: EDSTCallback's; "
+        "0.8 in the paper).",
         _in(0.0, 1.0, low_open=True),
         "Argument `global_drop_fraction` must be in (0, 1].",
+    ),
+    "edst_preset": _spec(
+        "enum", "default",
+        "EDST levers: default (EDSTCallback's defaults, chosen by "
+        "measurement on FMNIST-MLP v2) or official (the paper code's plan: "
+        "EDSTCallback(preset='official')).",
+        enum_values=["default", "official"],
     ),
     # --- running
     "strategy": _spec(

@@ -30,7 +30,8 @@ import common
 common.define(
     *common.DATA_FLAGS, *common.MODEL_FLAGS, *common.SPARSE_FLAGS,
     *common.OPTIMIZER_FLAGS, "num_members", "exploration_epochs",
-    "refinement_epochs", "global_drop_fraction", *common.RUN_FLAGS,
+    "refinement_epochs", "global_drop_fraction", "edst_preset",
+    *common.RUN_FLAGS,
     output_dir="runs/edst",
 )
 flags.adopt_module_key_flags(common)
@@ -41,8 +42,18 @@ RECORDED_FLAGS = (
     "seed", "model", "l2", "augment", "sparsity", "distribution", "grow",
     "drop_fraction", "update_interval", "learning_rate", "momentum",
     "num_members", "exploration_epochs", "refinement_epochs",
-    "global_drop_fraction", "strategy", "dense_baseline",
+    "global_drop_fraction", "edst_preset", "strategy", "dense_baseline",
 )
+
+
+def _lever_flags():
+    """EDSTCallback arguments from the flags; unset ones keep its defaults."""
+    levers = {}
+    if FLAGS.global_drop_fraction is not None:
+        levers["global_drop_fraction"] = FLAGS.global_drop_fraction
+    if FLAGS.edst_preset == "official":
+        levers["preset"] = "official"
+    return levers
 
 
 def main(argv):
@@ -81,8 +92,8 @@ def main(argv):
         num_members=FLAGS.num_members,
         exploration_epochs=FLAGS.exploration_epochs,
         refinement_epochs=FLAGS.refinement_epochs,
-        global_drop_fraction=FLAGS.global_drop_fraction,
         member_dir=member_dir,
+        **_lever_flags(),
     )
     print(
         f"[edst] {FLAGS.model}, sparsity {FLAGS.sparsity} "
