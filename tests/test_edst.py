@@ -14,23 +14,10 @@ from conftest import subprocess_env
 import keras_freetickets as kft
 from keras_freetickets import members as members_lib
 from keras_freetickets import metrics
+from edst_helpers import small_model
+from edst_helpers import toy_data
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def small_model(seed=0, classes=4, features=16, hidden=48):
-    keras.utils.set_random_seed(seed)
-    return keras.Sequential([
-        keras.Input((features,)),
-        keras.layers.Dense(hidden, activation="relu"),
-        keras.layers.Dense(classes),
-    ])
-
-
-def toy_data(n=640, features=16, classes=4):
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(n, features)).astype("float32")
-    return x, x[:, :classes].argmax(1).astype("int64")
 
 
 def compile_sparse(model, lr=0.05, **kwargs):
