@@ -5,11 +5,10 @@ import os
 import warnings
 
 import keras
-import numpy as np
 
+from keras_freetickets import _edst_levers
 from keras_freetickets import _keras_compat as compat
 from keras_freetickets import members as members_lib
-from keras_freetickets._validation import check_fraction
 from keras_freetickets.member_checkpoint import MemberCheckpoint
 from keras_freetickets.schedules import LEARNING_RATE_PLANS
 from keras_freetickets.schedules import learning_rate_factor
@@ -17,16 +16,8 @@ from keras_freetickets._validation import check_int
 from keras_freetickets.sparsity_monitor import find_sparse_optimizer
 
 
-REFINEMENT_DECAYS = ("constant", "cosine")
-GROW_INITS = {"zeros": 0.0, "random": 1.0}
 # The paper code's EDST, one argument away: `EDSTCallback(preset="official")`.
-OFFICIAL_LEVERS = dict(
-    learning_rate_plan="official", restart_height=None, global_grow="random",
-    global_drop_fraction=0.8, exclude_dropped=False, novelty=0.0,
-    refinement_drop_fraction=None, refinement_drop_decay="constant",
-    global_grow_init="zeros",
-)
-PRESETS = ("official",)
+OFFICIAL_LEVERS = _edst_levers.OFFICIAL_LEVERS
 
 
 @keras.saving.register_keras_serializable(package="keras_freetickets")
@@ -133,23 +124,17 @@ class EDSTCallback(keras.callbacks.Callback):
         preset=None,
     ):
         super().__init__()
-        if preset is not None:
-            levers = _apply_preset(preset, dict(
-                learning_rate_plan=learning_rate_plan,
-                restart_height=restart_height, global_grow=global_grow,
-                global_drop_fraction=global_drop_fraction,
-                exclude_dropped=exclude_dropped, novelty=novelty,
-                refinement_drop_fraction=refinement_drop_fraction,
-                refinement_drop_decay=refinement_drop_decay,
-                global_grow_init=global_grow_init))
-            (learning_rate_plan, restart_height, global_grow,
-             global_drop_fraction, exclude_dropped, novelty,
-             refinement_drop_fraction, refinement_drop_decay,
-             global_grow_init) = levers.values()
+        levers = _edst_levers.validate(preset, dict(
+            learning_rate_plan=learning_rate_plan,
+            restart_height=restart_height, global_grow=global_grow,
+            global_drop_fraction=global_drop_fraction,
+            exclude_dropped=exclude_dropped, novelty=novelty,
+            refinement_drop_fraction=refinement_drop_fraction,
+            refinement_drop_decay=refinement_drop_decay,
+            global_grow_init=global_grow_init))
         check_int("num_members", num_members, 1)
         check_int("exploration_epochs", exploration_epochs, 0)
         check_int("refinement_epochs", refinement_epochs, 1)
-        check_fraction("global_drop_fraction", global_drop_fraction)
         if quiet_steps is not None:
             check_int("quiet_steps", quiet_steps, 0)
         if save_best is not None:
@@ -170,57 +155,9 @@ class EDSTCallback(keras.callbacks.Callback):
         self.num_members = int(num_members)
         self.exploration_epochs = int(exploration_epochs)
         self.refinement_epochs = int(refinement_epochs)
-        self.global_drop_fraction = float(global_drop_fraction)
-        if global_grow not in ("random", "gradient", None):
-            raise ValueError(
-                "Argument `global_grow` must be 'random', 'gradient' or None. "
-                f"Received: global_grow={global_grow!r}"
-            )
-        learning_rate_plan = learning_rate_plan or "cosine"
-        if not callable(learning_rate_plan) and (
-            learning_rate_plan not in LEARNING_RATE_PLANS
-        ):
-            raise ValueError(
-                "Argument `learning_rate_plan` must be one of "
-                f"{list(LEARNING_RATE_PLANS)} or a callable. Received: "
-                f"learning_rate_plan={learning_rate_plan!r}"
-            )
-        if restart_height is not None:
-            _check_positive("restart_height", restart_height)
-        if not isinstance(exclude_dropped, (bool, np.bool_)):
-            raise ValueError(
-                "Argument `exclude_dropped` must be True or False. "
-                f"Received: exclude_dropped={exclude_dropped!r}"
-            )
-        _check_positive("novelty", novelty, allow_zero=True)
-        if refinement_drop_fraction is not None:
-            check_fraction("refinement_drop_fraction",
-                           refinement_drop_fraction)
-        if refinement_drop_decay not in REFINEMENT_DECAYS:
-            raise ValueError(
-                "Argument `refinement_drop_decay` must be one of "
-                f"{list(REFINEMENT_DECAYS)}. Received: "
-                f"refinement_drop_decay={refinement_drop_decay!r}"
-            )
-        if global_grow_init not in GROW_INITS:
-            raise ValueError(
-                f"Argument `global_grow_init` must be one of {list(GROW_INITS)}"
-                f". Received: global_grow_init={global_grow_init!r}"
-            )
-        self.global_grow_init = global_grow_init
-        self.global_grow = global_grow
+        for name, value in levers.items():
+            setattr(self, name, value)
         self.base_learning_rate = base_learning_rate
-        self.learning_rate_plan = learning_rate_plan
-        self.restart_height = (
-            None if restart_height is None else float(restart_height)
-        )
-        self.exclude_dropped = bool(exclude_dropped)
-        self.novelty = float(novelty)
-        self.refinement_drop_fraction = (
-            None if refinement_drop_fraction is None
-            else float(refinement_drop_fraction)
-        )
-        self.refinement_drop_decay = refinement_drop_decay
         self.quiet_steps = quiet_steps
         self.monitor = monitor
         self.mode = mode
@@ -367,7 +304,7 @@ class EDSTCallback(keras.callbacks.Callback):
             novelty=self.novelty if refining else 0.0,
             exclude_dropped=self.exclude_dropped and refining,
             local_drop_scale=float(scale),
-            global_grow_init=GROW_INITS[self.global_grow_init],
+            global_grow_init=_edst_levers.GROW_INITS[self.global_grow_init],
         )
 
     def _metadata(self, index, epoch, logs):
@@ -441,36 +378,3 @@ class EDSTCallback(keras.callbacks.Callback):
     @classmethod
     def from_config(cls, config):
         return cls(**config)
-
-
-def _check_positive(name, value, allow_zero=False):
-    ok = isinstance(value, (int, float, np.integer, np.floating)) and not (
-        isinstance(value, bool)
-    ) and (value >= 0 if allow_zero else value > 0) and math.isfinite(value)
-    if not ok:
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(
-            f"Argument `{name}` must be a finite number {bound}. "
-            f"Received: {name}={value!r}"
-        )
-
-
-def _apply_preset(preset, given):
-    """The levers of `preset`; a lever also given explicitly must agree."""
-    if preset not in PRESETS:
-        raise ValueError(
-            f"Argument `preset` must be one of {list(PRESETS)} or None. "
-            f"Received: preset={preset!r}"
-        )
-    import inspect
-
-    defaults = inspect.signature(EDSTCallback.__init__).parameters
-    for name, value in given.items():
-        default = defaults[name].default
-        if value != default and value != OFFICIAL_LEVERS[name]:
-            raise ValueError(
-                f"preset={preset!r} sets `{name}` to "
-                f"{OFFICIAL_LEVERS[name]!r}. Received also: {name}={value!r}"
-            )
-    return dict(OFFICIAL_LEVERS)
-

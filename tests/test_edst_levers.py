@@ -367,3 +367,19 @@ def test_official_preset_is_one_argument_away():
                          exclude_dropped=True)
     with pytest.raises(ValueError, match="preset='paper'"):
         kft.EDSTCallback(member_dir="m", preset="paper")
+
+
+def test_signature_defaults_are_the_documented_default_levers():
+    import inspect
+
+    from keras_freetickets import _edst_levers
+
+    params = inspect.signature(kft.EDSTCallback.__init__).parameters
+    for name, value in _edst_levers.DEFAULT_LEVERS.items():
+        default = params[name].default
+        if name == "learning_rate_plan":
+            default = default or value
+        assert default == value, name
+    config = kft.EDSTCallback(member_dir="m").get_config()
+    assert {k: config[k] for k in _edst_levers.DEFAULT_LEVERS} == (
+        _edst_levers.DEFAULT_LEVERS)
