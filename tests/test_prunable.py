@@ -380,3 +380,30 @@ def test_model_without_prunable_weights_is_an_error(case):
     with pytest.raises(ValueError, match="no prunable weights"):
         model.fit(x, np.ones((8, 3 if case != "batch_norm_only" else 6)),
                   verbose=0)
+
+
+def test_kernel_roles_is_the_one_answer_for_built_in_layers():
+    from keras_freetickets import prunable as prunable_lib
+
+    cases = [
+        (keras.layers.Dense(4), (None, 3), [("kernel", "dense")]),
+        (keras.layers.EinsumDense("ab,bc->ac", output_shape=4), (None, 3),
+         [("kernel", "einsum")]),
+        (keras.layers.Conv2D(4, 3), (None, 8, 8, 2), [("kernel", "conv")]),
+        (keras.layers.Conv2DTranspose(4, 3), (None, 8, 8, 2),
+         [("kernel", "transpose")]),
+        (keras.layers.SeparableConv2D(4, 3), (None, 8, 8, 2),
+         [("depthwise_kernel", "conv"), ("pointwise_kernel", "conv")]),
+        (keras.layers.BatchNormalization(), (None, 3), []),
+        (keras.layers.LSTM(4), (None, 5, 3), []),
+    ]
+    for layer, shape, expected in cases:
+        layer.build(shape)
+        roles = list(prunable_lib.kernel_roles(layer))
+        assert roles == expected, type(layer).__name__
+        for attribute, kind in roles:
+            assert kind in prunable_lib.KERNEL_KINDS
+            variable = prunable_lib.kernel_variable(layer, attribute)
+            assert variable is not None and len(variable.shape) >= 2
+            # The flops count and the pruning rule agree on these weights.
+            assert prunable_lib.prunable_variables([variable]) == [variable]
