@@ -22,9 +22,9 @@ PRESETS = ("official",)
 # FMNIST-MLP v2 (benchmarks/edst_v2.py).
 DEFAULT_LEVERS = dict(
     learning_rate_plan="cosine", restart_height=None, global_grow="random",
-    global_drop_fraction=0.8, exclude_dropped=False, novelty=0.0,
+    global_drop_fraction=0.98, exclude_dropped=True, novelty=0.0,
     refinement_drop_fraction=None, refinement_drop_decay="constant",
-    global_grow_init="zeros",
+    global_grow_init="random",
 )
 
 

@@ -362,9 +362,8 @@ def test_official_preset_is_one_argument_away():
     assert kft.EDSTCallback(member_dir="m", preset="official",
                             learning_rate_plan="official").get_config() == (
         config)
-    with pytest.raises(ValueError, match="exclude_dropped=True"):
-        kft.EDSTCallback(member_dir="m", preset="official",
-                         exclude_dropped=True)
+    with pytest.raises(ValueError, match="novelty=3.0"):
+        kft.EDSTCallback(member_dir="m", preset="official", novelty=3.0)
     with pytest.raises(ValueError, match="preset='paper'"):
         kft.EDSTCallback(member_dir="m", preset="paper")
 
