@@ -451,10 +451,7 @@ def render_markdown(report):
 
 
 def run_benchmark(models):
-    import keras
     import tensorflow as tf
-
-    import keras_freetickets as kft
 
     tf.get_logger().setLevel("ERROR")
     start = time.time()
@@ -464,6 +461,18 @@ def run_benchmark(models):
     for jit in ([False, True] if use_xla else [False]):
         for name in models:
             results.append(time_configuration(name, jit, pairs))
+            # Written after every configuration, so that a long run that is
+            # stopped keeps what it measured.
+            write_report(models, results, pairs, use_xla, start)
+    return write_report(models, results, pairs, use_xla, start, echo=True)
+
+
+def write_report(models, results, pairs, use_xla, start, echo=False):
+    import keras
+    import tensorflow as tf
+
+    import keras_freetickets as kft
+
     report = dict(
         benchmark="end_to_end",
         protocols=[MODELS[m] for m in models] + ["End to end"],
@@ -493,7 +502,8 @@ def run_benchmark(models):
     (out / "end_to_end.json").write_text(json.dumps(report, indent=2) + "\n")
     markdown = render_markdown(report)
     (out / "end_to_end.md").write_text(markdown)
-    print(markdown)
+    if echo:
+        print(markdown)
     return report
 
 

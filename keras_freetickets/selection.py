@@ -3,17 +3,29 @@
 A mask update picks, per sparse kernel, the k active weights of smallest
 magnitude (the drop) and the k inactive entries of largest score (the grow).
 The reference way is `tf.math.top_k(score, k_max)` on the whole flattened
-kernel followed by a scatter of the first k picks into a boolean mask; its
-cost grows like `n log k_max` and it sorts far more than it needs. The
+kernel followed by a scatter of the first k picks into a boolean mask. The
 functions here return the same boolean flags, bit for bit, by a radix
 select: the float values are mapped to int32 keys whose integer order is the
-float order, two passes of a 65,536-bin histogram (high, then low 16 bits)
-find the k-th key `T` among
-the eligible entries, and every eligible entry below `T` is taken plus, of
-the entries equal to `T`, the ones with the lowest flat indices until k are
-taken. That is exactly `top_k`'s choice (it prefers the lower index among
-equal values; `-0.0` and `0.0` are equal). Every tensor has a static shape
-and no output shape depends on the data, so XLA compiles the update once.
+float order; three passes of a histogram over 11, 11 and 10 bits of the keys
+(most significant first) find the k-th key `T` among the eligible entries;
+every eligible entry below `T` is taken, plus, of the entries equal to `T`,
+the ones with the lowest flat indices until k are taken. That is exactly
+`top_k`'s choice (it prefers the lower index among equal values; `-0.0` and
+`0.0` are equal). Every tensor has a static shape and no output shape
+depends on the data, so XLA compiles the update once. Below
+`RADIX_MIN_SIZE` entries the functions run the reference `top_k` code
+itself, which was as fast there.
+
+In `SparseOptimizer._prune_and_grow` (with `kk = k_max if k_is_static
+else k`, a Python int when every pick is kept, as there):
+
+```python
+dropped = selection.smallest_active_flags(weights, old, kk, k_max)
+kept = tf.logical_and(old, tf.logical_not(dropped))
+grown = selection.largest_flags(score, tf.logical_not(kept), kk, k_max)
+```
+
+replaces the two `top_k` + `_scatter_flags` pairs and gives the same masks.
 
 Weights must be finite and scores free of NaN and `-inf` (with those, top_k
 mixes them with the masked-out entries' `-inf`; that order is not
@@ -75,8 +87,9 @@ def select_smallest(keys, k):
     """Flags of the k smallest int32 keys, lower index first among equals.
 
     The exact selection under everything else in this module: a radix select
-    of the k-th smallest key `T` (two passes of a 65,536-bin histogram, over
-    the high then the low 16 bits of the keys in unsigned order), then every
+    of the k-th smallest key `T` (one histogram pass per digit of
+    `DIGIT_WIDTHS` bits, most significant first, over the keys in unsigned
+    order, each pass over the keys that share the digits found so far), then every
     key below `T`, then the keys equal to `T` by increasing flat index until
     k are flagged (a prefix count over the ties runs only when some tie must
     be left out). Shapes are static: `keys` is 1-D of static length n and
@@ -159,6 +172,16 @@ def _check_k_max(k_max, n):
         )
 
 
+def _use_radix(radix, n):
+    if radix is None:
+        return n >= RADIX_MIN_SIZE
+    if not isinstance(radix, bool):
+        raise ValueError(
+            f"Argument `radix` must be a bool or None. Received: radix={radix!r}"
+        )
+    return radix
+
+
 def _top_k_flags(score, k, k_max):
     """The reference selection: `top_k(score, k_max)`, first k picks kept.
 
@@ -177,7 +200,7 @@ def _top_k_flags(score, k, k_max):
     return counts > 0
 
 
-def smallest_active_flags(weights, mask, k, k_max):
+def smallest_active_flags(weights, mask, k, k_max, radix=None):
     """The drop: flags of the k active weights of smallest magnitude.
 
     Equal, bit for bit, to `top_k(where(mask, -|w|, -inf), k_max)` followed
@@ -192,6 +215,10 @@ def smallest_active_flags(weights, mask, k, k_max):
         mask: bool tensor of the same size: the active entries.
         k: int scalar (tensor or Python int): how many to drop.
         k_max: Python int: the static upper bound on k.
+        radix: bool or None. Whether to use the radix select (True) or
+            `top_k` (False); None picks by size (`RADIX_MIN_SIZE`). Under
+            XLA, whose `top_k` sorts, the radix select was faster at every
+            layer size measured (benchmarks/selection_speed.py).
 
     Returns:
         A flat bool tensor of shape `[n]` with exactly `min(k, k_max)` True.
@@ -207,7 +234,7 @@ def smallest_active_flags(weights, mask, k, k_max):
     weights = tf.reshape(weights, [-1])
     mask = tf.reshape(tf.cast(mask, tf.bool), [-1])
     _check_k_max(k_max, weights.shape[0])
-    if weights.shape[0] < RADIX_MIN_SIZE:
+    if not _use_radix(radix, weights.shape[0]):
         score = tf.where(mask, -tf.abs(weights), float("-inf"))
         return _top_k_flags(score, k, k_max)
     keys = _order_keys(tf.abs(weights))
@@ -219,7 +246,7 @@ def smallest_active_flags(weights, mask, k, k_max):
     return select_smallest(keys, k)
 
 
-def largest_flags(score, candidates, k, k_max):
+def largest_flags(score, candidates, k, k_max, radix=None):
     """The grow: flags of the k candidate entries of largest score.
 
     Equal, bit for bit, to `top_k(where(candidates, score, -inf), k_max)`
@@ -235,6 +262,7 @@ def largest_flags(score, candidates, k, k_max):
         candidates: bool tensor of the same size.
         k: int scalar (tensor or Python int): how many to grow.
         k_max: Python int: the static upper bound on k.
+        radix: bool or None. As in `smallest_active_flags`.
 
     Returns:
         A flat bool tensor of shape `[n]` with exactly `min(k, k_max)` True.
@@ -250,7 +278,7 @@ def largest_flags(score, candidates, k, k_max):
     score = tf.reshape(score, [-1])
     candidates = tf.reshape(tf.cast(candidates, tf.bool), [-1])
     _check_k_max(k_max, score.shape[0])
-    if score.shape[0] < RADIX_MIN_SIZE:
+    if not _use_radix(radix, score.shape[0]):
         score = tf.where(candidates, score, float("-inf"))
         return _top_k_flags(score, k, k_max)
     # Larger score -> smaller key; ~key reverses the int32 order exactly.

@@ -16,7 +16,7 @@ from keras_freetickets import selection
 
 NEG_INF = float("-inf")
 SETTINGS = dict(
-    max_examples=60, deadline=None,
+    max_examples=40, deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                            HealthCheck.function_scoped_fixture],  # a constant patch
 )
@@ -189,3 +189,16 @@ def test_bad_k_max_names_argument():
         selection.smallest_active_flags(tf.zeros([4]), tf.ones([4], tf.bool), 1, 5)
     with pytest.raises(ValueError, match="k_max.*Received: k_max=1.5"):
         selection.largest_flags(tf.zeros([4]), tf.ones([4], tf.bool), 1, 1.5)
+
+
+def test_radix_argument_forces_a_path_with_the_same_result():
+    rng = np.random.default_rng(5)
+    weights = (rng.integers(-4, 5, 400) * 0.5).astype(np.float32)
+    mask = rng.random(400) < 0.5
+    k_max = int(mask.sum()) // 2
+    expected = reference_drop(weights, mask, 17, k_max)
+    for radix in (True, False, None):
+        got = selection.smallest_active_flags(weights, mask, 17, k_max, radix=radix)
+        np.testing.assert_array_equal(got.numpy(), expected)
+    with pytest.raises(ValueError, match="radix.*Received: radix='yes'"):
+        selection.largest_flags(weights, mask, 1, 1, radix="yes")
