@@ -5,8 +5,8 @@ The parent process builds and exports, through `FreeTicketsEnsemble.export`:
 one dense member (the protocol's model, random init, stored dense), an
 M = 3 ensemble of sparse members (S = 0.8, exact-sparsity ERK masks, compact
 storage) run member by member (the default), and the same ensemble exported
-with `batched=True`. A child process, which imports TensorFlow only (it
-checks that neither keras_freetickets nor keras is loaded), loads the three
+with `batched=True`. A child process, which never imports keras_freetickets
+(it checks; importing TensorFlow itself loads keras), loads the three
 SavedModels with `tf.saved_model.load` and times single requests to the
 `serving_default` signature at batch 1 and batch 64, interleaved (each
 round calls every model `--calls` times, the order alternating between
@@ -210,8 +210,9 @@ def render_markdown(report):
         "exact-sparsity ERK masks, stored compact; the dense member stored "
         "dense).",
         "- Requests: one `serving_default` call each (`tf.saved_model.load`, "
-        "in a process that imports TensorFlow but neither keras_freetickets "
-        "nor keras), timed from the call to the numpy result; "
+        "in a process that never imports keras_freetickets; importing "
+        "TensorFlow there loads keras, for `tf.keras`), timed from the call "
+        "to the numpy result; "
         f"{report['settings']['rounds']} interleaved rounds of "
         f"{report['settings']['calls']} requests per model."
         + (" QUICK SMOKE RUN: figures are not meaningful."
