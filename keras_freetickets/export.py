@@ -41,6 +41,12 @@ kernel is stored compact only when that is smaller than dense (density below
 against rebuilding from variables on every call and against sparse matmuls
 are in `benchmarks/storage_and_inference.py`.
 
+An ensemble built with `batched=True` whose members allow it (see
+`keras_freetickets.ensemble.BatchedPlan`) is exported as one batched program
+instead: its stacked kernels are rebuilt from the same compact constants
+and folded the same way (only when each stacked kernel is below the 8 MiB
+slice size; otherwise, and for `compact=False`, members run one by one).
+
 Members are Sequential or Functional Keras models, walked layer by layer; a
 supported layer runs from its compact kernel, every other layer (pooling,
 normalization at inference, dropout, reshapes, activations...) runs as
@@ -217,8 +223,12 @@ def _build_archive(ensemble, compact, kernel_mode):
     _warn_dense_fallbacks(runners)
 
     member_spec = tf.TensorSpec((None,) + input_shape, tf.float32, name=INPUT_NAME)
+    plan = _batched_plan(ensemble, runners, compact, kernel_mode)
+    weights = _ConstantWeights(plan, runners) if plan is not None else None
 
     def member_probabilities(inputs):
+        if plan is not None:
+            return plan.probabilities(inputs, member_output, weights, axis=1)
         outputs = []
         for runner in runners:
             y = tf.cast(runner(inputs), tf.float32)
@@ -252,6 +262,62 @@ def _build_archive(ensemble, compact, kernel_mode):
     # Keep the compact variables (if any) alive with the archive.
     archive._kft_runners = runners
     return archive
+
+
+def _batched_plan(ensemble, runners, compact, kernel_mode):
+    """The ensemble's batched plan where the export can run it, else None.
+
+    Only with compact storage folded into constants (`kernel_mode="rebuild"`)
+    and when every stacked kernel stays below Grappler's folding limit: the
+    batched graph then runs on dense constants, as the per-member graph does.
+    """
+    if not compact or kernel_mode != "rebuild":
+        return None
+    plan = ensemble._batched_plan()
+    if plan is None:
+        return None
+    compact_kernels = {}
+    for runner in runners:
+        for layer_id, (_, kernel) in runner.kernels.items():
+            compact_kernels[layer_id] = kernel
+    for kind, layers in plan.steps:
+        if kind not in ("dense", "conv2d"):
+            continue
+        stacked = sum(
+            int(np.prod(layer.kernel.shape)) * np.dtype(layer.kernel.dtype).itemsize
+            for layer in layers
+        )
+        if stacked > _CHUNK_BYTES:
+            return None
+        for layer in layers:
+            kernel = compact_kernels.get(id(layer))
+            if kernel is not None and len(kernel.slices) != 1:
+                return None
+    return plan
+
+
+class _ConstantWeights:
+    """`weight_fn` of a batched plan in the export: compact kernels rebuilt
+    in the graph (folded to constants on first run), other weights as
+    constants."""
+
+    def __init__(self, plan, runners):
+        # Read eagerly here: the graph is traced later.
+        self.kernels = {}
+        for runner in runners:
+            for layer_id, (_, kernel) in runner.kernels.items():
+                self.kernels[layer_id] = kernel
+        self.values = {}
+        for layer in plan.layers:
+            if id(layer) not in self.kernels:
+                self.values[(id(layer), "kernel")] = _numpy(layer.kernel)
+            if getattr(layer, "use_bias", False):
+                self.values[(id(layer), "bias")] = _numpy(layer.bias)
+
+    def __call__(self, layer, name):
+        if name == "kernel" and id(layer) in self.kernels:
+            return self.kernels[id(layer)].dense_slices()[0]
+        return tf.constant(self.values[(id(layer), name)])
 
 
 def _summaries(stacked):

@@ -264,3 +264,135 @@ def test_from_directory_missing_or_empty(tmp_path):
         FreeTicketsEnsemble.from_directory(tmp_path / "absent")
     with pytest.raises(ValueError, match="No members found in"):
         FreeTicketsEnsemble.from_directory(tmp_path)
+
+
+# ---------------------------------------------------------------------------
+# Batched inference: same probabilities as the per-member path.
+
+BATCHED_ATOL = 1e-5  # float32 rounding of reordered sums (seen: <= 5e-8)
+
+
+def _sequential_cnn(seed, sparsity=0.8, softmax=False):
+    """FMNIST-CNN v1's layer sequence, small: conv, pool, conv, pool,
+    flatten, dropout, dense, dense."""
+    keras.utils.set_random_seed(seed)
+    model = keras.Sequential([
+        keras.Input((12, 12, 1)),
+        keras.layers.Conv2D(4, 3, padding="same", activation="relu"),
+        keras.layers.MaxPooling2D(2),
+        keras.layers.Conv2D(6, 3, padding="valid", strides=1),
+        keras.layers.ReLU(),
+        keras.layers.AveragePooling2D(2),
+        keras.layers.Flatten(),
+        keras.layers.Dropout(0.5),
+        keras.layers.Dense(16, activation="relu"),
+        keras.layers.Dense(5, activation="softmax" if softmax else None),
+    ])
+    rng = np.random.default_rng(seed)
+    for variable in model.weights:
+        value = keras.ops.convert_to_numpy(variable).copy()
+        if variable.path.endswith("kernel"):
+            flat = value.reshape(-1)
+            flat[rng.permutation(flat.size)[: int(round(sparsity * flat.size))]] = 0.0
+        else:
+            value = rng.normal(scale=0.1, size=value.shape).astype("float32")
+        variable.assign(value)
+    return model
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn", "cnn_probabilities"])
+def test_batched_matches_per_member(kind):
+    if kind == "mlp":
+        members = [_member(seed) for seed in range(3)]
+        x, output = _x(n=50), "logits"
+    else:
+        softmax = kind == "cnn_probabilities"
+        members = [_sequential_cnn(seed, softmax=softmax) for seed in range(3)]
+        x = np.random.default_rng(1).random((50, 12, 12, 1)).astype("float32")
+        output = "probabilities" if softmax else "logits"
+    per_member = FreeTicketsEnsemble(members, output=output)
+    batched = FreeTicketsEnsemble(members, output=output, batched=True)
+    assert not per_member.batched
+    assert batched.batched
+    np.testing.assert_allclose(
+        batched.predict(x, batch_size=16, verbose=0),
+        per_member.predict(x, batch_size=16, verbose=0), atol=BATCHED_ATOL,
+    )
+    got = batched.member_predictions(x, batch_size=16)
+    assert got.shape == (3, 50, per_member.compute_output_shape((None,))[-1])
+    np.testing.assert_allclose(
+        got, per_member.member_predictions(x, batch_size=16), atol=BATCHED_ATOL
+    )
+    # Each member's own output, not a permutation of the members.
+    for index, member in enumerate(members):
+        own = keras.ops.convert_to_numpy(member(x))
+        if output == "logits":
+            own = _softmax(own)
+        np.testing.assert_allclose(got[index], own, atol=BATCHED_ATOL)
+
+
+def test_batched_grouped_convolution_matches(monkeypatch):
+    from keras_freetickets import ensemble as ensemble_lib
+
+    members = [_sequential_cnn(seed) for seed in range(3)]
+    x = np.random.default_rng(2).random((20, 12, 12, 1)).astype("float32")
+    expected = FreeTicketsEnsemble(members).predict(x, verbose=0)
+    monkeypatch.setattr(ensemble_lib, "CONV_MODE", "grouped")
+    got = FreeTicketsEnsemble(members, batched=True).predict(x, verbose=0)
+    np.testing.assert_allclose(got, expected, atol=BATCHED_ATOL)
+
+
+def test_batched_reads_live_weights():
+    members = [_member(seed) for seed in range(2)]
+    ensemble = FreeTicketsEnsemble(members, batched=True)
+    x = _x(n=8)
+    before = ensemble.predict(x, verbose=0)
+    kernel = members[1].layers[0].kernel
+    kernel.assign(keras.ops.convert_to_numpy(kernel) * 2.0)
+    after = ensemble.predict(x, verbose=0)
+    assert np.abs(after - before).max() > 1e-3
+    np.testing.assert_allclose(
+        after, FreeTicketsEnsemble(members).predict(x, verbose=0), atol=BATCHED_ATOL
+    )
+
+
+def test_batched_falls_back_where_layers_differ():
+    # BatchNormalization has no batched form; a single member has nothing
+    # to batch; different widths cannot be stacked.
+    def with_bn(seed):
+        keras.utils.set_random_seed(seed)
+        return keras.Sequential([
+            keras.Input((20,)), keras.layers.Dense(8),
+            keras.layers.BatchNormalization(), keras.layers.Dense(3),
+        ])
+
+    wide = keras.Sequential([keras.Input((20,)), keras.layers.Dense(9), keras.layers.Dense(3)])
+    cases = [
+        [with_bn(0), with_bn(1)],
+        [_member(0)],
+        [_member(0), wide],
+    ]
+    for members in cases:
+        ensemble = FreeTicketsEnsemble(members, batched=True)
+        assert not ensemble.batched
+        x = _x(n=6)
+        np.testing.assert_allclose(
+            ensemble.predict(x, verbose=0),
+            FreeTicketsEnsemble(members).predict(x, verbose=0), atol=1e-6,
+        )
+
+
+def test_batched_option_checked_and_saved(tmp_path):
+    with pytest.raises(ValueError, match="batched.*Received: batched='yes'"):
+        FreeTicketsEnsemble([_member(0)], batched="yes")
+    members = [_member(seed) for seed in range(2)]
+    ensemble = FreeTicketsEnsemble(members, batched=True)
+    assert ensemble.get_config()["batched"] is True
+    path = str(tmp_path / "ensemble.keras")
+    ensemble.save(path)
+    loaded = keras.models.load_model(path)
+    assert loaded.batched
+    x = _x(n=5)
+    np.testing.assert_allclose(
+        loaded.predict(x, verbose=0), ensemble.predict(x, verbose=0), atol=1e-6
+    )

@@ -533,3 +533,72 @@ def test_compact_kernel_rebuilds_bit_for_bit(shape, density, chunk_bytes, seed):
     assert kernel.nonzeros == int(np.count_nonzero(value.view(np.uint32)))
     bound = kernel.nonzeros * 4 + len(kernel.slices) * ((value.size + 7) // 8 + 1)
     assert kernel.compact_bytes <= bound
+
+
+# ---------------------------------------------------------------------------
+# Batched ensembles (`FreeTicketsEnsemble(..., batched=True)`).
+
+
+def _sequential_cnn(seed, sparsity=0.8):
+    """FMNIST-CNN v1's layer sequence at 12x12 inputs, exact sparsity."""
+    keras.utils.set_random_seed(seed)
+    model = keras.Sequential([
+        keras.Input((12, 12, 1)),
+        keras.layers.Conv2D(4, 3, padding="same", activation="relu"),
+        keras.layers.MaxPooling2D(2),
+        keras.layers.Conv2D(8, 3, padding="same", activation="relu"),
+        keras.layers.MaxPooling2D(2),
+        keras.layers.Flatten(),
+        keras.layers.Dense(16, activation="relu"),
+        keras.layers.Dense(5),
+    ])
+    return _sparsify(model, sparsity, seed)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_batched_export_matches_per_member_predict(tmp_path, kind):
+    if kind == "mlp":
+        members, x = [_mlp(seed) for seed in range(3)], _x(40)
+    else:
+        members = [_sequential_cnn(seed) for seed in range(3)]
+        x = _x(40, shape=(12, 12, 1))
+    reference = FreeTicketsEnsemble(members)
+    batched = FreeTicketsEnsemble(members, batched=True)
+    runners = [
+        export_lib._MemberRunner(m, i, True, "rebuild") for i, m in enumerate(members)
+    ]
+    assert export_lib._batched_plan(batched, runners, True, "rebuild") is not None
+    path = str(tmp_path / kind / "1")
+    batched.export(path)
+
+    served = _serve(path, x)
+    np.testing.assert_allclose(
+        served["probabilities"], reference.predict(x, verbose=0), atol=1e-5
+    )
+    np.testing.assert_allclose(
+        _serve(path, x, "members")[export_lib.MEMBERS_OUTPUT],
+        np.moveaxis(reference.member_predictions(x), 0, 1), atol=1e-5,
+    )
+    # Compact storage still applies: about the per-member export's bytes.
+    per_member_path = str(tmp_path / f"{kind}_per_member" / "1")
+    reference.export(per_member_path)
+    assert export_lib.saved_model_bytes(path) < 1.1 * export_lib.saved_model_bytes(
+        per_member_path
+    )
+
+
+def test_batched_export_falls_back_for_large_stacked_kernels(tmp_path, monkeypatch):
+    # A stacked kernel above the folding limit runs per member instead.
+    monkeypatch.setattr(export_lib, "_CHUNK_BYTES", 64 * 1024)
+    members = [_mlp(seed) for seed in range(2)]
+    ensemble = FreeTicketsEnsemble(members, batched=True)
+    runners = [
+        export_lib._MemberRunner(m, i, True, "rebuild") for i, m in enumerate(members)
+    ]
+    assert export_lib._batched_plan(ensemble, runners, True, "rebuild") is None
+    path = str(tmp_path / "1")
+    ensemble.export(path)
+    x = _x(8)
+    np.testing.assert_allclose(
+        _serve(path, x)["probabilities"], ensemble.predict(x, verbose=0), atol=1e-5
+    )

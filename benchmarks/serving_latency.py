@@ -1,0 +1,312 @@
+"""Serving latency of exported ensembles (BENCHMARK.md, "Speed figures" /
+"Serving latency").
+
+The parent process builds and exports, through `FreeTicketsEnsemble.export`:
+one dense member (the protocol's model, random init, stored dense), an
+M = 3 ensemble of sparse members (S = 0.8, exact-sparsity ERK masks, compact
+storage) run member by member (the default), and the same ensemble exported
+with `batched=True`. A child process, which never imports keras_freetickets
+(it checks; importing TensorFlow itself loads keras), loads the three
+SavedModels with `tf.saved_model.load` and times single requests to the
+`serving_default` signature at batch 1 and batch 64, interleaved (each
+round calls every model `--calls` times, the order alternating between
+rounds). Reported: p50 and p99 of the request latency per model and batch,
+and the p50 ratio of each ensemble to the dense member. The weights are
+random: the figures are about time, not accuracy.
+
+Usage:
+
+```
+TF_CPP_MIN_LOG_LEVEL=2 .venv/bin/python benchmarks/serving_latency.py \
+    --models=mlp,cnn --rounds=10 --calls=100
+```
+"""
+
+import datetime
+import json
+import os
+import pathlib
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.append(str(REPO))
+if str(REPO / "benchmarks") not in sys.path:
+    sys.path.append(str(REPO / "benchmarks"))
+
+import protocols  # noqa: E402
+
+MODELS = {"mlp": "FMNIST-MLP v1", "cnn": "FMNIST-CNN v1"}
+NUM_MEMBERS = 3
+SPARSITY = 0.8
+BATCHES = (1, 64)
+TARGET_P50_RATIO_BATCH_1 = 1.5  # M = 3 over one dense member, at most
+VARIANTS = ("dense member", "M = 3 per member", "M = 3 batched")
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("models", ["mlp", "cnn"], "Protocols: mlp, cnn.")
+flags.DEFINE_integer("rounds", 10, "Interleaved rounds per batch size.")
+flags.DEFINE_integer("calls", 100, "Requests per model per round.")
+flags.DEFINE_string("out", "benchmarks/results",
+                    "Folder for serving_latency.json and .md.")
+flags.DEFINE_bool("quick", False, "Smoke run: 2 rounds of 5 calls.")
+flags.DEFINE_string("child", None, "Internal: JSON spec of a timing run.")
+
+
+def _validate_flags():
+    models = [m.strip() for m in FLAGS.models if m.strip()]
+    for m in models:
+        if m not in MODELS:
+            raise app.UsageError(
+                f"Flag --models must list names in {sorted(MODELS)}. Received: {m!r}"
+            )
+    if not models:
+        raise app.UsageError("Flag --models must name at least one model.")
+    for name in ("rounds", "calls"):
+        if FLAGS[name].value < 1:
+            raise app.UsageError(
+                f"Flag --{name} must be >= 1. Received: {FLAGS[name].value}"
+            )
+    return models
+
+
+# ------------------------------------------------------------------ export
+def _sparsify(model, sparsity, seed):
+    """Exact-sparsity ERK masks on the prunable kernels, random biases."""
+    import keras
+    import numpy as np
+
+    from keras_freetickets import distributions, prunable
+
+    rng = np.random.default_rng(seed)
+    kernels = prunable.prunable_variables(model.weights)
+    shapes = {v.path: tuple(v.shape) for v in kernels}
+    sparsities = distributions.compute_sparsities(shapes, sparsity, "erk")
+    for variable in model.weights:
+        value = keras.ops.convert_to_numpy(variable).copy()
+        if variable.path in sparsities:
+            active = distributions.active_count(value.size, sparsities[variable.path])
+            flat = value.reshape(-1)
+            flat[rng.permutation(flat.size)[active:]] = 0.0
+        elif variable.path.endswith("bias"):
+            value = rng.normal(scale=0.1, size=value.shape).astype("float32")
+        variable.assign(value)
+    return model
+
+
+def export_models(name, work):
+    """Exports the three variants; returns {variant: path}."""
+    from keras_freetickets.ensemble import FreeTicketsEnsemble
+
+    dense = protocols.build_model(name, seed=100)
+    members = [
+        _sparsify(protocols.build_model(name, seed=s), SPARSITY, s)
+        for s in range(NUM_MEMBERS)
+    ]
+    ensembles = {
+        "dense member": FreeTicketsEnsemble([dense]),
+        "M = 3 per member": FreeTicketsEnsemble(members),
+        "M = 3 batched": FreeTicketsEnsemble(members, batched=True),
+    }
+    paths = {}
+    for index, (label, ensemble) in enumerate(ensembles.items()):
+        path = work / f"{name}_{index}" / "1"
+        ensemble.export(str(path))
+        paths[label] = str(path)
+    return paths
+
+
+# ------------------------------------------------------------------ child
+def _quantile(values, q):
+    values = sorted(values)
+    pos = q * (len(values) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(values) - 1)
+    return values[lo] + (values[hi] - values[lo]) * (pos - lo)
+
+
+def child_main(spec):
+    """Times requests in a process that has only TensorFlow loaded."""
+    import numpy as np
+    import tensorflow as tf
+
+    spec = json.loads(spec)
+    loaded_modules = [m for m in ("keras_freetickets", "keras") if m in sys.modules]
+    signatures = {
+        label: tf.saved_model.load(path).signatures["serving_default"]
+        for label, path in spec["paths"].items()
+    }
+    if "keras_freetickets" in sys.modules:
+        raise RuntimeError("The serving process imported keras_freetickets.")
+    shape = tuple(spec["input_shape"])
+    results = {}
+    for batch in spec["batches"]:
+        x = tf.constant(
+            np.random.default_rng(batch).random((batch,) + shape, dtype=np.float32)
+        )
+        for fn in signatures.values():  # warm up: Grappler folds here
+            for _ in range(3):
+                fn(inputs=x)["probabilities"].numpy()
+        latencies = {label: [] for label in signatures}
+        labels = list(signatures)
+        for r in range(spec["rounds"]):
+            for label in (labels if r % 2 == 0 else labels[::-1]):
+                fn = signatures[label]
+                for _ in range(spec["calls"]):
+                    start = time.perf_counter()
+                    fn(inputs=x)["probabilities"].numpy()
+                    latencies[label].append(time.perf_counter() - start)
+        results[str(batch)] = {
+            label: dict(
+                p50_ms=1e3 * _quantile(values, 0.5),
+                p99_ms=1e3 * _quantile(values, 0.99),
+                requests=len(values),
+            )
+            for label, values in latencies.items()
+        }
+    print("LATENCY_JSON " + json.dumps(dict(
+        results=results, modules_loaded_at_start=loaded_modules,
+        keras_loaded_after=("keras" in sys.modules),
+    )), flush=True)
+
+
+def time_in_child(name, paths, rounds, calls):
+    shape = (784,) if name == "mlp" else (28, 28, 1)
+    spec = json.dumps(dict(paths=paths, input_shape=shape, batches=list(BATCHES),
+                           rounds=rounds, calls=calls))
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    # The child runs this file with only --child: its imports are absl,
+    # the standard library, numpy and TensorFlow.
+    proc = subprocess.run(
+        [sys.executable, str(pathlib.Path(__file__).resolve()), f"--child={spec}"],
+        capture_output=True, text=True, env=env, check=False,
+    )
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("LATENCY_JSON ")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(
+            f"Serving child failed (rc={proc.returncode}):\n{proc.stderr[-3000:]}"
+        )
+    return json.loads(lines[-1][len("LATENCY_JSON "):])
+
+
+# ----------------------------------------------------------------- report
+def render_markdown(report):
+    lines = [
+        "# Serving latency (BENCHMARK.md \"Speed figures\" / \"Serving latency\")",
+        "",
+        f"- Protocols: Serving latency, on {', '.join(report['protocols'][:-1])} "
+        "(architectures only, random weights; members at S = 0.8 with "
+        "exact-sparsity ERK masks, stored compact; the dense member stored "
+        "dense).",
+        "- Requests: one `serving_default` call each (`tf.saved_model.load`, "
+        "in a process that never imports keras_freetickets; importing "
+        "TensorFlow there loads keras, for `tf.keras`), timed from the call "
+        "to the numpy result; "
+        f"{report['settings']['rounds']} interleaved rounds of "
+        f"{report['settings']['calls']} requests per model."
+        + (" QUICK SMOKE RUN: figures are not meaningful."
+           if report["settings"]["quick"] else ""),
+        f"- Machine: {report['machine']} (two other engineers trained models "
+        "on it at the same time: p99 especially is noisy).",
+        f"- Date: {report['date']}; TensorFlow {report['versions']['tensorflow']}.",
+        f"- Command: `{report['command']}` ({report['wall_seconds']:.0f} s).",
+        "",
+        "| model | batch | variant | p50 ms | p99 ms | p50 / dense member "
+        f"(target at batch 1: <= {TARGET_P50_RATIO_BATCH_1}) | p99 / dense member |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in report["results"]:
+        for batch, rows in r["latency"].items():
+            base = rows["dense member"]
+            for label in VARIANTS:
+                row = rows[label]
+                ratio = row["p50_ms"] / base["p50_ms"]
+                mark = ""
+                if batch == "1" and label != "dense member":
+                    mark = " yes" if ratio <= TARGET_P50_RATIO_BATCH_1 else " NO"
+                lines.append(
+                    f"| {r['protocol']} | {batch} | {label} | {row['p50_ms']:.3f} "
+                    f"| {row['p99_ms']:.3f} | {ratio:.2f}{mark} "
+                    f"| {row['p99_ms'] / base['p99_ms']:.2f} |"
+                )
+    lines.append("")
+    return "\n".join(lines)
+
+
+def run_benchmark(models):
+    import keras
+    import tensorflow as tf
+
+    tf.get_logger().setLevel("ERROR")
+    from absl import logging
+
+    logging.set_verbosity(logging.WARNING)
+    start = time.time()
+    rounds = 2 if FLAGS.quick else FLAGS.rounds
+    calls = 5 if FLAGS.quick else FLAGS.calls
+    results = []
+    work = pathlib.Path(tempfile.mkdtemp(prefix="kft_serving_"))
+    try:
+        for name in models:
+            paths = export_models(name, work)
+            keras.backend.clear_session()
+            timing = time_in_child(name, paths, rounds, calls)
+            results.append(dict(
+                model=name, protocol=MODELS[name], latency=timing["results"],
+                serving_process=dict(
+                    modules_loaded_at_start=timing["modules_loaded_at_start"],
+                    keras_loaded_after=timing["keras_loaded_after"],
+                ),
+            ))
+            one = timing["results"]["1"]
+            ratio = one["M = 3 per member"]["p50_ms"] / one["dense member"]["p50_ms"]
+            print(f"[serving] {MODELS[name]}: batch-1 p50 ratio {ratio:.2f}", flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    report = dict(
+        benchmark="serving_latency",
+        protocols=[MODELS[m] for m in models] + ["Serving latency"],
+        machine=protocols.machine_description(),
+        cpu_count=os.cpu_count(),
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        versions=dict(tensorflow=tf.__version__, keras=keras.__version__,
+                      python=platform.python_version()),
+        command=" ".join(["python", "benchmarks/serving_latency.py"] + sys.argv[1:]),
+        settings=dict(num_members=NUM_MEMBERS, sparsity=SPARSITY,
+                      batches=list(BATCHES), rounds=rounds, calls=calls,
+                      quick=FLAGS.quick),
+        target=dict(p50_ratio_batch_1=TARGET_P50_RATIO_BATCH_1),
+        results=results,
+        wall_seconds=time.time() - start,
+    )
+    out = pathlib.Path(FLAGS.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "serving_latency.json").write_text(json.dumps(report, indent=2) + "\n")
+    markdown = render_markdown(report)
+    (out / "serving_latency.md").write_text(markdown)
+    print(markdown)
+    return report
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if FLAGS.child:
+        child_main(FLAGS.child)
+        return
+    run_benchmark(_validate_flags())
+
+
+if __name__ == "__main__":
+    app.run(main)

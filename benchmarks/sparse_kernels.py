@@ -1,0 +1,425 @@
+"""Sparse kernels against dense ones, layer by layer (BENCHMARK.md, "Speed
+figures"; issue 11, "Sparse kernels, honestly evaluated").
+
+For every prunable layer of FMNIST-MLP v1 and FMNIST-CNN v1, at its ERK
+density for S = 0.8 and S = 0.9 (`keras_freetickets.distributions`), with
+an exact-count random mask (the masks `SparseOptimizer` draws and RigL
+rewires are unstructured), the layer's product is timed as:
+
+- `dense`: `tf.matmul` (Dense) or `tf.nn.conv2d` (Conv2D) on the kernel with
+  its zeros: what Keras runs;
+- `tf.sparse`: `tf.sparse.sparse_dense_matmul` with the kernel as a
+  `tf.SparseTensor` (Conv2D: on the `extract_patches` im2col matrix);
+- `gather`: padded ELL: per output unit the indices and values of its
+  nonzero inputs (padded to the largest count), `tf.gather` of the inputs
+  and a weighted sum (Conv2D: on the im2col matrix);
+- `block`: not timed. A block-sparse kernel skips only all-zero blocks; the
+  table gives the fraction of 4x4 and 16x16 blocks that hold a nonzero under
+  these unstructured masks, which bounds what any block layout could save.
+
+Forward passes at batch 1 and 128 (inference), and forward + backward
+(gradients for the inputs and the kernel's nonzeros, `tf.GradientTape`) at
+batch 128 (training). Each variant is a `tf.function`; the variants of one
+layer are timed in interleaved rounds (order alternating) and the median
+per call is reported, with the speed-up over dense (> 1: faster). Every
+sparse path is checked against dense first (max abs difference <= 1e-4).
+
+Usage:
+
+```
+TF_CPP_MIN_LOG_LEVEL=2 .venv/bin/python benchmarks/sparse_kernels.py
+TF_CPP_MIN_LOG_LEVEL=2 .venv/bin/python benchmarks/sparse_kernels.py --quick
+```
+"""
+
+import datetime
+import json
+import os
+import pathlib
+import platform
+import statistics
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.append(str(REPO))
+if str(REPO / "benchmarks") not in sys.path:
+    sys.path.append(str(REPO / "benchmarks"))
+
+import protocols  # noqa: E402
+
+MODELS = {"mlp": "FMNIST-MLP v1", "cnn": "FMNIST-CNN v1"}
+SPARSITIES = (0.8, 0.9)
+PATHS = ("dense", "tf.sparse", "gather")
+ATOL = 1e-4
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("models", ["mlp", "cnn"], "Protocols: mlp, cnn.")
+flags.DEFINE_integer("rounds", 7, "Interleaved rounds per measurement.")
+flags.DEFINE_float("seconds_per_call_group", 0.05,
+                   "Aim of each timed group of calls (calls are batched so "
+                   "that a group lasts about this long).")
+flags.DEFINE_string("out", "benchmarks/results",
+                    "Folder for sparse_kernels.json and .md.")
+flags.DEFINE_bool("quick", False, "Smoke run: 2 rounds, batch 1 and 8.")
+
+
+def _validate_flags():
+    models = [m.strip() for m in FLAGS.models if m.strip()]
+    for m in models:
+        if m not in MODELS:
+            raise app.UsageError(
+                f"Flag --models must list names in {sorted(MODELS)}. Received: {m!r}"
+            )
+    if not models:
+        raise app.UsageError("Flag --models must name at least one model.")
+    if FLAGS.rounds < 1:
+        raise app.UsageError(f"Flag --rounds must be >= 1. Received: {FLAGS.rounds}")
+    return models
+
+
+# ------------------------------------------------------------------ layers
+def layer_specs(name):
+    """[(label, kind, kernel shape, input shape per example)] of the protocol."""
+    model = protocols.build_model(name, seed=0)
+    from keras_freetickets import prunable
+
+    specs = []
+    for variable in prunable.prunable_variables(model.weights):
+        layer = next(
+            lyr for lyr in model.layers if getattr(lyr, "kernel", None) is variable
+        )
+        kind = "conv" if len(variable.shape) == 4 else "dense"
+        in_shape = tuple(layer.input.shape[1:])
+        specs.append((variable.path, kind, tuple(variable.shape), in_shape))
+    return specs
+
+
+def densities(specs, sparsity):
+    from keras_freetickets import distributions
+
+    shapes = {path: shape for path, _, shape, _ in specs}
+    sparsities = distributions.compute_sparsities(shapes, sparsity, "erk")
+    return {path: 1.0 - s for path, s in sparsities.items()}
+
+
+def random_kernel(shape, density, seed):
+    import numpy as np
+
+    from keras_freetickets import distributions
+
+    rng = np.random.default_rng(seed)
+    size = int(np.prod(shape))
+    active = distributions.active_count(size, 1.0 - density)
+    flat = np.zeros(size, np.float32)
+    flat[rng.permutation(size)[:active]] = rng.standard_normal(active).astype(np.float32)
+    return flat.reshape(shape), active
+
+
+def block_fraction(matrix, block):
+    """Fraction of `block` x `block` tiles of a 2-D matrix with a nonzero."""
+    import numpy as np
+
+    rows = -(-matrix.shape[0] // block) * block
+    cols = -(-matrix.shape[1] // block) * block
+    padded = np.zeros((rows, cols), bool)
+    padded[: matrix.shape[0], : matrix.shape[1]] = matrix != 0
+    tiles = padded.reshape(rows // block, block, cols // block, block)
+    return float(tiles.any(axis=(1, 3)).mean())
+
+
+# ------------------------------------------------------------------ paths
+class _Product:
+    """The three ways to compute `inputs @ kernel2d` for one layer."""
+
+    def __init__(self, kind, kernel, in_shape):
+        import numpy as np
+        import tensorflow as tf
+
+        self.kind = kind
+        self.kernel = tf.constant(kernel)
+        self.in_shape = in_shape
+        matrix = kernel.reshape(-1, kernel.shape[-1])  # [K, out]
+        self.rows, self.cols = matrix.shape
+        nz = np.nonzero(matrix)
+        # tf.sparse: the kernel transposed, [out, K], so that
+        # y^T = W^T x^T needs no adjoint of the sparse operand.
+        order = np.lexsort((nz[0], nz[1]))
+        self.sparse_t = tf.sparse.SparseTensor(
+            np.stack([nz[1][order], nz[0][order]], 1).astype(np.int64),
+            matrix[nz][order], [self.cols, self.rows],
+        )
+        self.values = tf.Variable(matrix[nz][order])
+        # gather (padded ELL): per output unit, its nonzero input rows.
+        counts = np.bincount(nz[1], minlength=self.cols)
+        width = max(1, int(counts.max()))
+        idx = np.zeros((self.cols, width), np.int32)
+        val = np.zeros((self.cols, width), np.float32)
+        for j in range(self.cols):
+            rows = nz[0][nz[1] == j]
+            idx[j, : len(rows)] = rows
+            val[j, : len(rows)] = matrix[rows, j]
+        self.ell_idx = tf.constant(idx)
+        self.ell_val = tf.Variable(val)
+        self.ell_width = width
+        self.dense_var = tf.Variable(kernel)
+
+    def patches(self, x):
+        import tensorflow as tf
+
+        kh, kw = self.kernel.shape[0], self.kernel.shape[1]
+        p = tf.image.extract_patches(
+            x, [1, kh, kw, 1], [1, 1, 1, 1], [1, 1, 1, 1], "SAME"
+        )
+        return p, tf.shape(p)
+
+    def dense(self, x, kernel=None):
+        import tensorflow as tf
+
+        kernel = self.kernel if kernel is None else kernel
+        if self.kind == "conv":
+            return tf.nn.conv2d(x, kernel, 1, "SAME")
+        return tf.matmul(x, kernel)
+
+    def _as_matrix(self, x):
+        import tensorflow as tf
+
+        if self.kind == "conv":
+            p, shape = self.patches(x)
+            return tf.reshape(p, [-1, self.rows]), shape
+        return x, None
+
+    def _restore(self, y2d, shape):
+        import tensorflow as tf
+
+        if shape is None:
+            return y2d
+        return tf.reshape(y2d, tf.concat([shape[:-1], [self.cols]], 0))
+
+    def tf_sparse(self, x, values=None):
+        import tensorflow as tf
+
+        matrix, shape = self._as_matrix(x)
+        sp = self.sparse_t if values is None else tf.sparse.SparseTensor(
+            self.sparse_t.indices, values, self.sparse_t.dense_shape
+        )
+        yt = tf.sparse.sparse_dense_matmul(sp, matrix, adjoint_b=True)
+        return self._restore(tf.transpose(yt), shape)
+
+    def gather(self, x, values=None):
+        import tensorflow as tf
+
+        matrix, shape = self._as_matrix(x)
+        values = self.ell_val if values is None else values
+        picked = tf.gather(matrix, self.ell_idx, axis=1)  # [B, out, width]
+        y = tf.einsum("bow,ow->bo", picked, values)
+        return self._restore(y, shape)
+
+
+def _time(fns, rounds, group_seconds):
+    """Median seconds per call of each zero-argument function, interleaved."""
+    calls = {}
+    for name, fn in fns.items():
+        fn()
+        start = time.perf_counter()
+        fn()
+        once = max(time.perf_counter() - start, 1e-6)
+        calls[name] = max(1, min(200, int(group_seconds / once)))
+    times = {name: [] for name in fns}
+    names = list(fns)
+    for r in range(rounds):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            start = time.perf_counter()
+            for _ in range(calls[name]):
+                fns[name]()
+            times[name].append((time.perf_counter() - start) / calls[name])
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def measure_layer(name, path, kind, shape, in_shape, density, batches, rounds,
+                  group_seconds, seed):
+    import numpy as np
+    import tensorflow as tf
+
+    kernel, active = random_kernel(shape, density, seed)
+    product = _Product(kind, kernel, in_shape)
+    rng = np.random.default_rng(seed + 1)
+    matrix = kernel.reshape(-1, shape[-1])
+    row = dict(
+        protocol=MODELS[name], layer=path, kind=kind, shape=list(shape),
+        density=density, active=active, ell_width=product.ell_width,
+        blocks_4=block_fraction(matrix, 4), blocks_16=block_fraction(matrix, 16),
+        forward={}, training={},
+    )
+    forward_fns = {
+        "dense": tf.function(product.dense),
+        "tf.sparse": tf.function(product.tf_sparse),
+        "gather": tf.function(product.gather),
+    }
+    for batch in batches:
+        x = tf.constant(rng.random((batch,) + in_shape, dtype=np.float32))
+        reference = forward_fns["dense"](x).numpy()
+        for label in ("tf.sparse", "gather"):
+            error = float(np.abs(forward_fns[label](x).numpy() - reference).max())
+            if error > ATOL:
+                raise AssertionError(f"{path} {label}: differs from dense by {error}")
+        seconds = _time(
+            {label: (lambda fn=fn: fn(x).numpy()) for label, fn in forward_fns.items()},
+            rounds, group_seconds,
+        )
+        row["forward"][str(batch)] = _with_speedups(seconds)
+
+    # Training: gradients for the inputs and for the kernel's nonzeros.
+    def train_step(path_fn, weights):
+        def step(x):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                y = path_fn(x, weights)
+                loss = tf.reduce_sum(y * y)
+            return tape.gradient(loss, [x, weights])
+        return tf.function(step)
+
+    train_fns = {
+        "dense": train_step(product.dense, product.dense_var),
+        "tf.sparse": train_step(product.tf_sparse, product.values),
+        "gather": train_step(product.gather, product.ell_val),
+    }
+    batch = batches[-1]
+    x = tf.constant(rng.random((batch,) + in_shape, dtype=np.float32))
+    dx_reference = train_fns["dense"](x)[0].numpy()
+    for label in ("tf.sparse", "gather"):
+        dx = train_fns[label](x)[0].numpy()
+        error = float(np.abs(dx - dx_reference).max() / max(1.0, np.abs(dx_reference).max()))
+        if error > ATOL:
+            raise AssertionError(f"{path} {label}: input gradient differs by {error}")
+    seconds = _time(
+        {label: (lambda fn=fn: [g.numpy() for g in fn(x)])
+         for label, fn in train_fns.items()},
+        rounds, group_seconds,
+    )
+    row["training"][str(batch)] = _with_speedups(seconds)
+    return row
+
+
+def _with_speedups(seconds):
+    dense = seconds["dense"]
+    return {
+        label: dict(ms=1e3 * s, speedup=dense / s) for label, s in seconds.items()
+    }
+
+
+# ----------------------------------------------------------------- report
+def render_markdown(report):
+    lines = [
+        "# Sparse kernels, layer by layer (BENCHMARK.md \"Speed figures\")",
+        "",
+        f"- Protocols: {', '.join(report['protocols'])} (their prunable layers "
+        "at the ERK densities for S = 0.8 and 0.9; exact-count random masks).",
+        "- Paths: dense = `tf.matmul` / `tf.nn.conv2d` with the zeros; "
+        "tf.sparse = `tf.sparse.sparse_dense_matmul` (convolutions through an "
+        "`extract_patches` im2col); gather = padded ELL (`tf.gather` of each "
+        "output's nonzero inputs + weighted sum). Speed-up = dense time / "
+        "path time (> 1 is faster than dense). Training = forward + backward "
+        "(gradients for the inputs and the nonzero weights).",
+        f"- Machine: {report['machine']} (shared with two other engineers' "
+        "training runs during the measurement).",
+        f"- Date: {report['date']}; TensorFlow {report['versions']['tensorflow']}.",
+        f"- Command: `{report['command']}` ({report['wall_seconds']:.0f} s); "
+        f"medians of {report['settings']['rounds']} interleaved rounds."
+        + (" QUICK SMOKE RUN: figures are not meaningful."
+           if report["settings"]["quick"] else ""),
+        "",
+    ]
+    batches = report["settings"]["batches"]
+    header = ["model", "layer", "S", "density", "blocks with a nonzero (4x4 / 16x16)"]
+    for part in [f"forward b={b}" for b in batches] + [f"training b={batches[-1]}"]:
+        header += [f"{part}: dense ms", "tf.sparse", "gather"]
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append("|" + "---|" * len(header))
+    faster = []
+    for r in report["rows"]:
+        cells = [
+            r["protocol"], f"`{r['layer']}` {'x'.join(map(str, r['shape']))}",
+            str(r["sparsity"]), f"{r['density']:.3f}",
+            f"{r['blocks_4']:.2f} / {r['blocks_16']:.2f}",
+        ]
+        groups = [("forward", str(b)) for b in batches]
+        groups.append(("training", str(batches[-1])))
+        for part, b in groups:
+            t = r[part][b]
+            cells.append(
+                f"{t['dense']['ms']:.3f} | {t['tf.sparse']['speedup']:.2f}x | "
+                f"{t['gather']['speedup']:.2f}x"
+            )
+            for label in ("tf.sparse", "gather"):
+                if t[label]["speedup"] > 1.0:
+                    faster.append(
+                        f"{r['protocol']} `{r['layer']}` S={r['sparsity']} "
+                        f"{part} b={b}: {label} {t[label]['speedup']:.2f}x"
+                    )
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "## Where a sparse path beat dense", ""]
+    if faster:
+        lines += [f"- {item}" for item in faster]
+    else:
+        lines.append("- Nowhere: on every layer, batch and pass, dense was faster.")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    models = _validate_flags()
+    import keras
+    import tensorflow as tf
+
+    start = time.time()
+    batches = (1, 8) if FLAGS.quick else (1, 128)
+    rounds = 2 if FLAGS.quick else FLAGS.rounds
+    group = 0.005 if FLAGS.quick else FLAGS.seconds_per_call_group
+    rows = []
+    for name in models:
+        specs = layer_specs(name)
+        for sparsity in SPARSITIES:
+            dens = densities(specs, sparsity)
+            for index, (path, kind, shape, in_shape) in enumerate(specs):
+                row = measure_layer(name, path, kind, shape, in_shape, dens[path],
+                                    batches, rounds, group, seed=index)
+                row["sparsity"] = sparsity
+                rows.append(row)
+                f = row["forward"][str(batches[-1])]
+                print(f"[sparse_kernels] {MODELS[name]} {path} S={sparsity}: "
+                      f"tf.sparse {f['tf.sparse']['speedup']:.2f}x, gather "
+                      f"{f['gather']['speedup']:.2f}x", flush=True)
+    report = dict(
+        benchmark="sparse_kernels",
+        protocols=[MODELS[m] for m in models],
+        machine=protocols.machine_description(),
+        cpu_count=os.cpu_count(),
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        versions=dict(tensorflow=tf.__version__, keras=keras.__version__,
+                      python=platform.python_version()),
+        command=" ".join(["python", "benchmarks/sparse_kernels.py"] + sys.argv[1:]),
+        settings=dict(sparsities=list(SPARSITIES), distribution="erk",
+                      batches=list(batches), rounds=rounds, quick=FLAGS.quick),
+        rows=rows,
+        wall_seconds=time.time() - start,
+    )
+    out = pathlib.Path(FLAGS.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sparse_kernels.json").write_text(json.dumps(report, indent=2) + "\n")
+    markdown = render_markdown(report)
+    (out / "sparse_kernels.md").write_text(markdown)
+    print(markdown)
+
+
+if __name__ == "__main__":
+    app.run(main)

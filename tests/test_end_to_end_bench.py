@@ -1,0 +1,92 @@
+"""Smoke tests of the issue-11 benchmark scripts: a `--quick` run of each
+writes its report with the protocol, machine line and command; the figures
+themselves are machine-dependent and not checked. Marked slow (each starts
+TensorFlow in a subprocess and trains or exports small models)."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", KERAS_BACKEND="tensorflow")
+
+
+def _run(script, *args, timeout=600):
+    return subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / script), *args],
+        capture_output=True, text=True, env=ENV, cwd=REPO, timeout=timeout,
+        check=False,
+    )
+
+
+def _check_header(report, markdown, benchmark):
+    assert report["benchmark"] == benchmark
+    assert "2-core" in report["machine"] or "-core CPU" in report["machine"]
+    assert report["command"].startswith(f"python benchmarks/{benchmark}.py")
+    assert report["date"]
+    assert "QUICK SMOKE RUN" in markdown
+
+
+def test_bad_flags_fail_before_tensorflow_loads():
+    proc = _run("end_to_end.py", "--models=mlp,rnn", timeout=60)
+    assert proc.returncode != 0
+    assert "Flag --models must list names in ['cnn', 'mlp']. Received: 'rnn'" in proc.stderr
+    proc = _run("end_to_end.py", "--pairs=0", timeout=60)
+    assert "Flag --pairs must be >= 1. Received: 0" in proc.stderr
+
+
+@pytest.mark.slow
+def test_end_to_end_quick_run_writes_breakdown(tmp_path):
+    proc = _run("end_to_end.py", "--quick", "--models=mlp", f"--out={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "end_to_end.json").read_text())
+    markdown = (tmp_path / "end_to_end.md").read_text()
+    _check_header(report, markdown, "end_to_end")
+    assert report["protocols"] == ["FMNIST-MLP v1", "End to end"]
+    (result,) = report["results"]
+    assert result["jit_compile"] is False and result["pairs"] == 1
+    assert set(result["breakdown"]) == {"dense", "sparse", "monitor"}
+    sparse = result["breakdown"]["sparse"]
+    steps = result["steps_per_epoch"] * result["epochs"]
+    assert sparse["ordinary_steps"] + sparse["update_steps"] + 1 == steps
+    assert sparse["update_steps"] >= 1  # the quick run updates every 10 steps
+    assert result["breakdown"]["dense"]["update_steps"] == 0
+    assert result["wall_ratio"] > 0 and result["monitor_share"] >= 0
+    assert "| FMNIST-MLP v1 | no | 2 | 1 |" in markdown
+
+
+@pytest.mark.slow
+def test_serving_latency_quick_run_never_imports_the_library(tmp_path):
+    proc = _run("serving_latency.py", "--quick", "--models=mlp", f"--out={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "serving_latency.json").read_text())
+    markdown = (tmp_path / "serving_latency.md").read_text()
+    _check_header(report, markdown, "serving_latency")
+    (result,) = report["results"]
+    # TensorFlow's own import loads keras; the library itself never loads.
+    assert "keras_freetickets" not in result["serving_process"]["modules_loaded_at_start"]
+    for batch in ("1", "64"):
+        rows = result["latency"][batch]
+        assert set(rows) == {"dense member", "M = 3 per member", "M = 3 batched"}
+        for row in rows.values():
+            assert 0 < row["p50_ms"] <= row["p99_ms"]
+
+
+@pytest.mark.slow
+def test_sparse_kernels_quick_run_checks_every_layer(tmp_path):
+    proc = _run("sparse_kernels.py", "--quick", "--models=mlp", f"--out={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "sparse_kernels.json").read_text())
+    markdown = (tmp_path / "sparse_kernels.md").read_text()
+    _check_header(report, markdown, "sparse_kernels")
+    assert len(report["rows"]) == 3 * 2  # 3 kernels x 2 sparsities
+    for row in report["rows"]:
+        assert 0 < row["density"] <= 1
+        for part in ("forward", "training"):
+            for timing in row[part].values():
+                assert set(timing) == {"dense", "tf.sparse", "gather"}
+    assert "## Where a sparse path beat dense" in markdown
