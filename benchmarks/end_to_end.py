@@ -266,7 +266,7 @@ def input_pipeline_seconds(data, repeats=3):
 
 
 def load_data(name):
-    from keras_freetickets.datasets import load_fashion_mnist
+    from keras_freetickets.contrib.datasets import load_fashion_mnist
 
     x, y = load_fashion_mnist("train", flatten=(name == "mlp"))
     if FLAGS.quick:

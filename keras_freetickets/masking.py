@@ -8,6 +8,8 @@ is static (`top_k` with a fixed maximum k, then a comparison with
 
 import tensorflow as tf
 
+from keras_freetickets import selection
+
 NEG_INF = float("-inf")
 
 
@@ -31,10 +33,19 @@ def pick_largest(score, k, k_max, picks_sorted=True):
     return scatter_flags(index, tf.range(k_max) < k, size)
 
 
+def _count(k, k_max, picks_sorted):
+    # A Python int tells the selection that every pick is kept.
+    return k if picks_sorted else k_max
+
+
 def drop_flags(weights, mask, k, k_max, picks_sorted=True):
-    """The `k` active weights of smallest magnitude (inactive ones never)."""
-    score = tf.where(mask, -tf.abs(weights), NEG_INF)
-    return pick_largest(score, k, k_max, picks_sorted)
+    """The `k` active weights of smallest magnitude (inactive ones never).
+
+    Large layers use the radix select of `keras_freetickets.selection`,
+    which picks exactly what `top_k` does, faster.
+    """
+    return selection.smallest_active_flags(
+        weights, mask, _count(k, k_max, picks_sorted), k_max)
 
 
 def grow_flags(grow_score, kept, k, k_max, picks_sorted=True, blocked=None):
@@ -49,8 +60,8 @@ def grow_flags(grow_score, kept, k, k_max, picks_sorted=True, blocked=None):
     score = tf.cast(grow_score, tf.float32)
     if blocked is not None:
         score = tf.where(blocked, -1.0 / (1.0 + score), score)
-    score = tf.where(kept, NEG_INF, score)
-    return pick_largest(score, k, k_max, picks_sorted)
+    return selection.largest_flags(
+        score, tf.logical_not(kept), _count(k, k_max, picks_sorted), k_max)
 
 
 def favour_unused(grow_score, ever_active, novelty):
