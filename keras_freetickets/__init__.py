@@ -8,6 +8,7 @@ and the example scripts' flag checks stay fast.
 __version__ = "0.1.0"
 
 _LAZY = {
+    "BackupAndRestore": "keras_freetickets.backup",
     "SparseOptimizer": "keras_freetickets.sparse_optimizer",
     "SparsityMonitor": "keras_freetickets.sparsity_monitor",
     "sparsity_summary": "keras_freetickets.sparsity_monitor",
