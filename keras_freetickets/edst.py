@@ -329,12 +329,9 @@ class EDSTCallback(keras.callbacks.Callback):
 
 
 def _worker_suffix():
-    import json
+    from keras_freetickets.distributed import read_tf_config
 
-    try:
-        config = json.loads(os.environ.get("TF_CONFIG", "") or "{}")
-    except ValueError:
-        return ""
+    config = read_tf_config()  # a TF_CONFIG that does not parse is an error
     task = config.get("task") or {}
     if not task or len(config.get("cluster", {}).get("worker", [])) < 2:
         return ""
