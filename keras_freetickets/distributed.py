@@ -765,7 +765,7 @@ def ensemble_from_directory(member_dir, num_members, timeout_s=3600.0,
     from keras_freetickets.ensemble import FreeTicketsEnsemble
 
     paths = wait_for_members(member_dir, num_members, timeout_s, poll_s)
-    if len(members_lib.list_members(member_dir)) == num_members:
+    if len(members_lib.list_members(member_dir, allow_gaps=True)) == num_members:
         return FreeTicketsEnsemble.from_directory(member_dir, **kwargs)
     custom_objects = kwargs.pop("custom_objects", None)
     loaded = [members_lib.load_member(p, custom_objects=custom_objects)

@@ -164,6 +164,20 @@ def export_ensemble(ensemble, path, overwrite=False, compact=True, verbose=False
             f"Argument `path` must be a non-empty path. Received: path={path!r}"
         )
     path = os.path.abspath(os.fspath(path))
+    if os.path.lexists(path) and not os.path.isdir(path):
+        raise ValueError(
+            "Argument `path` must be a folder for the SavedModel, but a file "
+            f"is there (it is never replaced, even with overwrite=True). "
+            f"Received: path={path!r}"
+        )
+    parent = os.path.dirname(path)
+    while parent and not os.path.lexists(parent):
+        parent = os.path.dirname(parent)
+    if parent and not os.path.isdir(parent):
+        raise ValueError(
+            f"Argument `path` must be inside a folder, but {parent} is a "
+            f"file. Received: path={path!r}"
+        )
     if os.path.lexists(path) and not overwrite:
         raise FileExistsError(
             f"{path} already exists; pass `overwrite=True` to replace it, or "
@@ -568,17 +582,28 @@ def _warn_dense_fallbacks(runners):
 
 
 def _write_atomically(archive, path, overwrite, verbose):
+    """Writes `archive` to `path` through a temporary folder and a rename.
+
+    A failure at any stage (a full disk, an I/O error) removes the
+    temporary folder, leaves an existing export at `path` as it was, and
+    raises an error of the same type whose message names the stage and
+    `path`.
+    """
     parent, name = os.path.split(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
+    tmp = None
     old = None
+    stage = "creating the temporary folder"
     try:
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
         # mkdtemp makes the folder private (0700); a server running as
         # another user must be able to read it.
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)
+        stage = "writing the SavedModel"
         archive.write_out(tmp, verbose=verbose)
+        stage = "flushing the SavedModel to disk"
         _fsync_tree(tmp)
         if os.path.lexists(path):
             if not overwrite:
@@ -586,24 +611,46 @@ def _write_atomically(archive, path, overwrite, verbose):
                     f"{path} was created while exporting; pass `overwrite=True` "
                     "to replace it."
                 )
+            stage = "moving the old export aside"
             old = os.path.join(parent, f".{name}.old-{uuid.uuid4().hex}")
             os.rename(path, old)
+        stage = "renaming the new export into place"
         try:
             os.rename(tmp, path)
-        except OSError:
+        except BaseException:
             if old is not None:
                 os.rename(old, path)
                 old = None
             raise
+        tmp = None
         _fsync_dir(parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    except BaseException as e:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, FileExistsError) or not isinstance(
+            e, (OSError, tf.errors.OpError)
+        ):
+            raise
+        unchanged = (
+            f"the existing export at {path} is unchanged"
+            if os.path.lexists(path) else f"nothing was left at {path}"
+        )
+        message = (
+            f"Could not export the ensemble to {path}: {stage} failed "
+            f"({getattr(e, 'strerror', None) or getattr(e, 'message', None) or e}); "
+            f"{unchanged}."
+        )
+        if isinstance(e, OSError):
+            raise type(e)(e.errno, message) from e
+        raise type(e)(e.node_def, e.op, message) from e
     if old is not None:
-        if os.path.isdir(old) and not os.path.islink(old):
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.remove(old)
+        shutil.rmtree(old, ignore_errors=True)
+        if os.path.lexists(old):
+            warnings.warn(
+                f"The export at {path} was replaced, but its old copy could "
+                f"not be deleted: remove {old} by hand.",
+                stacklevel=3,
+            )
 
 
 def _fsync_tree(root):

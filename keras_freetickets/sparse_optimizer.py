@@ -415,15 +415,19 @@ class SparseOptimizer(keras.optimizers.Optimizer):
         old = tf.reshape(mask, [-1])
         # Drop: the k active weights of smallest magnitude. Inactive entries
         # score -inf, and k_max <= num_active, so every pick is active.
-        drop_score = tf.where(old, -tf.abs(weights), _NEG_INF)
+        # top_k needs NaN-free scores to pick k distinct entries (a NaN
+        # weight or gradient broke the exact counts): a non-finite weight is
+        # dropped first, a non-finite gradient scores 0 for growth.
+        finite = tf.math.is_finite(weights)
+        drop_score = tf.where(old, tf.where(finite, -tf.abs(weights), -_NEG_INF), _NEG_INF)
         _, drop_idx = tf.math.top_k(drop_score, k_max, sorted=picks_sorted)
         dropped = _scatter_flags(drop_idx, select, n)
         kept = tf.logical_and(old, tf.logical_not(dropped))
         # Grow: the k best of all weights inactive after the drop (RigL's
         # candidates, which include the weights just dropped).
         def gradient_score():
-            flat = tf.reshape(tf.convert_to_tensor(gradient), [-1])
-            return tf.cast(tf.abs(flat), tf.float32)
+            flat = tf.cast(tf.reshape(tf.convert_to_tensor(gradient), [-1]), tf.float32)
+            return tf.where(tf.math.is_finite(flat), tf.abs(flat), 0.0)
 
         def random_score():
             key = tf.stack(

@@ -1,0 +1,897 @@
+"""The fault matrix: kills, malformed inputs, numeric, storage, concurrency
+and serving faults, each with its number of trials and what was lost.
+
+    python benchmarks/faults.py                      # full campaign
+    python benchmarks/faults.py --kill_trials=4 --out_dir=/tmp/faults  # quick
+
+Writes `faults.md` (the table) and `faults.json` (every trial) to
+`--out_dir` (default `benchmarks/results`). Fault classes (`--classes`):
+
+- `kills`: SIGKILL at seeded random points of a small EDST run (EDSTCallback
+  + kft.BackupAndRestore, then `ensemble.export`) and of a small DST run
+  (`train_dst_ensemble`, one kft.BackupAndRestore per member, then export),
+  each a child process of this script (`--worker`). A share of the kills are
+  aimed at the dangerous windows: inside a member save, an export, a backup
+  write (just before one of their file operations, or after a random
+  fraction of the window's measured duration) and the global-exploration
+  step. After each kill the same command is run again until it completes;
+  its member files must equal those of an uninterrupted run byte for byte,
+  its export must hold the same files and serve the same outputs bit for
+  bit, and no temporary file, backup or extra member may be left.
+- `inputs`: malformed arguments and files; each must raise a ValueError
+  (or TypeError, FileNotFoundError, ...) whose message names the argument
+  and the value, from no frame inside TensorFlow.
+- `numeric`: NaN/Inf inputs or labels on a mask-update step, an overflowing
+  loss under mixed_float16, TerminateOnNaN beside EDSTCallback and
+  kft.BackupAndRestore.
+- `storage`: ENOSPC/EIO injected into the writer of a member file, an export
+  and an overwrite of an export.
+- `concurrency`: a reader loading members while they are rewritten, a
+  reader while a member is missing, and two worker processes writing the
+  members of one DST ensemble into one folder while a reader polls it.
+- `serving`: bad requests to the exported signatures in a process that
+  never imports keras_freetickets (and through `saved_model_cli run`).
+
+Flags are checked before TensorFlow is imported.
+"""
+
+import datetime
+import hashlib
+import json
+import os
+import pathlib
+import platform
+import signal
+import subprocess
+import sys
+import time
+
+from absl import app
+from absl import flags
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+CLASSES = ("kills", "inputs", "numeric", "storage", "concurrency", "serving")
+SCENARIOS = ("edst", "dst")
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("out_dir", str(REPO / "benchmarks" / "results"),
+                    "Folder for faults.md and faults.json.")
+flags.DEFINE_string("work_dir", None,
+                    "Scratch folder (default: a new temporary folder).")
+flags.DEFINE_integer("kill_trials", 32, "SIGKILL trials (EDST and DST).")
+flags.DEFINE_integer("seed", 0, "Seed of the kill times and targets.")
+flags.DEFINE_list("classes", list(CLASSES), "Fault classes to run.")
+flags.DEFINE_integer("trial_timeout_s", 240, "Hard limit of one child run.")
+# Internal: the training command that the kill campaign runs and kills.
+flags.DEFINE_enum("worker", None, list(SCENARIOS), "Run one training command.")
+flags.DEFINE_integer("member_index", None, "DST worker: train this member only.")
+
+
+def validate_flags():
+    problems = []
+    if FLAGS.kill_trials < 0:
+        problems.append(f"--kill_trials must be >= 0. Received: {FLAGS.kill_trials}")
+    if FLAGS.trial_timeout_s < 10:
+        problems.append(
+            f"--trial_timeout_s must be >= 10. Received: {FLAGS.trial_timeout_s}")
+    unknown = [c for c in FLAGS.classes if c not in CLASSES]
+    if unknown or not FLAGS.classes:
+        problems.append(
+            f"--classes must be a non-empty subset of {list(CLASSES)}. "
+            f"Received: {FLAGS.classes}")
+    if FLAGS.worker and not FLAGS.work_dir:
+        problems.append("--worker needs --work_dir.")
+    if problems:
+        raise app.UsageError("\n".join(problems))
+
+
+def child_env(threads=1):
+    env = dict(os.environ)
+    env.pop("TF_CONFIG", None)
+    env.update(
+        TF_CPP_MIN_LOG_LEVEL="2", KERAS_BACKEND="tensorflow",
+        CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1",
+        TF_NUM_INTEROP_THREADS="1", TF_NUM_INTRAOP_THREADS=str(threads),
+        PYTHONPATH=os.pathsep.join(
+            p for p in (str(REPO), env.get("PYTHONPATH")) if p),
+    )
+    return env
+
+
+# =========================================================================
+# The training command of the kill campaign (run as a child process).
+# =========================================================================
+# Small and fast: an MLP 16-32-4 on 256 synthetic examples, batch 32.
+FEATURES, HIDDEN, CLASSES_N, EXAMPLES, BATCH = 16, 32, 4, 256, 32
+EDST = dict(num_members=3, exploration_epochs=2, refinement_epochs=2)
+DST = dict(num_members=3, epochs=3)
+UPDATE_INTERVAL = 3
+WINDOWS = ("member_save", "export", "backup", "global_exploration")
+_EVENTS = None  # fd of the event log (append-only, unbuffered)
+
+
+def _event(*parts):
+    if _EVENTS is not None:
+        os.write(_EVENTS, (" ".join(str(p) for p in parts) + "\n").encode())
+
+
+def _die():
+    _event("killed")
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+class _Windows:
+    """Marks the dangerous windows in the event log, counts the file
+    operations inside them, and kills the process where the plan says."""
+
+    OPS = (("os", "replace"), ("os", "rename"), ("os", "fsync"),
+           ("os", "mkdir"), ("os", "open"), ("shutil", "rmtree"))
+
+    def __init__(self, plan):
+        self.plan = plan or {}
+        self.count = {}
+        self.current = None
+        self.ops = 0
+
+    def enter(self, name):
+        self.count[name] = self.count.get(name, 0) + 1
+        self.current, self.ops = name, 0
+        _event("enter", name, self.count[name], f"{time.monotonic():.6f}")
+        plan = self.plan
+        if plan.get("window") == name and plan.get("occurrence") == self.count[name]:
+            if plan["mode"] == "timer":
+                import threading
+
+                timer = threading.Timer(plan["delay"], _die)
+                timer.daemon = True
+                timer.start()
+            elif plan["op"] == 0:
+                _die()
+
+    def exit(self, name):
+        _event("exit", name, self.count[name], self.ops, f"{time.monotonic():.6f}")
+        self.current = None
+
+    def op(self):
+        if self.current is None:
+            return
+        self.ops += 1
+        plan = self.plan
+        if (plan.get("mode") == "op" and plan.get("window") == self.current
+                and plan.get("occurrence") == self.count[self.current]
+                and plan.get("op") == self.ops):
+            _die()
+
+    def wrap(self, name, fn):
+        def wrapper(*args, **kwargs):
+            self.enter(name)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.exit(name)
+        return wrapper
+
+    def install(self):
+        import importlib
+        import zipfile
+
+        for module_name, attr in self.OPS:
+            module = importlib.import_module(module_name)
+            real = getattr(module, attr)
+            setattr(module, attr, self._counted(real))
+        zipfile.ZipFile.writestr = self._counted(zipfile.ZipFile.writestr)
+
+    def _counted(self, real):
+        def counted(*args, **kwargs):
+            self.op()
+            return real(*args, **kwargs)
+        return counted
+
+
+def _data():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(EXAMPLES, FEATURES)).astype("float32")
+    w = rng.normal(size=(FEATURES, CLASSES_N)).astype("float32")
+    y = (x @ w).argmax(1).astype("int64")
+    return x, y
+
+
+def _mlp(seed=0):
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential([
+        keras.Input((FEATURES,)),
+        keras.layers.Dense(HIDDEN, activation="relu", name="hidden"),
+        keras.layers.Dense(CLASSES_N, name="logits"),
+    ], name="mlp")
+
+
+def run_worker(scenario, work_dir, member_index=None):
+    """The command that the kill campaign runs, kills and runs again:
+    resumable training, then an export if none is there yet."""
+    global _EVENTS
+    work_dir = pathlib.Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    _EVENTS = os.open(work_dir / "events.log",
+                      os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    _event("start", f"{time.monotonic():.6f}")
+    windows = _Windows(json.loads(os.environ.get("KFT_FAULT_PLAN", "{}")))
+    import keras
+    import tensorflow as tf
+
+    import keras_freetickets as kft
+    from keras_freetickets import backup as backup_lib
+    from keras_freetickets import export as export_lib
+    from keras_freetickets import members as members_lib
+
+    tf.config.experimental.enable_op_determinism()
+    members_lib.save_member = windows.wrap("member_save", members_lib.save_member)
+    export_lib.export_ensemble = windows.wrap("export", export_lib.export_ensemble)
+    backup_lib.write_checkpoint = windows.wrap("backup", backup_lib.write_checkpoint)
+    windows.install()
+    _event("imported", f"{time.monotonic():.6f}")
+
+    x, y = _data()
+    members_dir = str(work_dir / "members")
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    if scenario == "edst":
+        keras.utils.set_random_seed(0)
+        model = _mlp(0)
+        opt = kft.SparseOptimizer(
+            keras.optimizers.SGD(0.05, momentum=0.9), sparsity=0.8,
+            update_interval=UPDATE_INTERVAL, seed=0)
+        model.compile(opt, loss)
+        edst = kft.EDSTCallback(member_dir=members_dir, quiet_steps=2, **EDST)
+
+        class GlobalStep(keras.callbacks.Callback):
+            def on_train_batch_begin(self, batch, logs=None):
+                step = int(opt.iterations.numpy())
+                self.inside = step == int(opt.global_explore_step.numpy())
+                if self.inside:
+                    windows.enter("global_exploration")
+
+            def on_train_batch_end(self, batch, logs=None):
+                if self.inside:
+                    windows.exit("global_exploration")
+
+            def on_epoch_end(self, epoch, logs=None):
+                _event("epoch_end", epoch)
+
+        backup = kft.BackupAndRestore(str(work_dir / "backup"))
+
+        class Restored(keras.callbacks.Callback):
+            def on_train_begin(self, logs=None):
+                _event("restored", backup.restored_from)
+
+        model.fit(x, y, batch_size=BATCH, epochs=edst.total_epochs,
+                  shuffle=False, verbose=0,
+                  callbacks=[edst, backup, Restored(), GlobalStep()])
+    else:
+        data = tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH)
+
+        def callbacks(index):
+            return [kft.BackupAndRestore(str(work_dir / "backup" / f"member_{index}"))]
+
+        kft.train_dst_ensemble(
+            _mlp, data, sparsity=0.8, member_dir=members_dir,
+            member_index=member_index, update_interval=UPDATE_INTERVAL,
+            callbacks=callbacks, verbose=0, **DST)
+        if member_index is not None:
+            _event("done")
+            return
+    export_dir = work_dir / "export" / "1"
+    if not export_dir.exists():
+        ensemble = kft.FreeTicketsEnsemble.from_directory(members_dir)
+        ensemble.export(str(export_dir))
+    _event("done")
+
+
+# =========================================================================
+# The kill campaign.
+# =========================================================================
+def _run_child(scenario, work_dir, plan=None, kill_after=None, timeout_s=240,
+               member_index=None, env=None):
+    """Runs the worker; kills it after `kill_after` seconds if given.
+    Returns (returncode, seconds, stderr tail)."""
+    env = dict(env or child_env())
+    if plan:
+        env["KFT_FAULT_PLAN"] = json.dumps(plan)
+    args = [sys.executable, str(pathlib.Path(__file__).resolve()),
+            f"--worker={scenario}", f"--work_dir={work_dir}"]
+    if member_index is not None:
+        args.append(f"--member_index={member_index}")
+    start = time.monotonic()
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, cwd=str(REPO))
+    try:
+        if kill_after is not None:
+            try:
+                proc.wait(timeout=kill_after)
+            except subprocess.TimeoutExpired:
+                proc.send_signal(signal.SIGKILL)
+        _, err = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate()
+    return proc.returncode, time.monotonic() - start, err.decode(errors="replace")[-3000:]
+
+
+def read_events(work_dir):
+    path = pathlib.Path(work_dir) / "events.log"
+    if not path.exists():
+        return []
+    return [line.split() for line in path.read_text().splitlines() if line]
+
+
+def _runs(events):
+    """Splits an event log into runs (a list of event lists)."""
+    runs = []
+    for event in events:
+        if event[0] == "start":
+            runs.append([])
+        if runs:
+            runs[-1].append(event)
+    return runs
+
+
+def window_profile(events):
+    """From an uninterrupted run's events: every window occurrence with its
+    duration and number of file operations, and the run's time span."""
+    occurrences, open_at = [], {}
+    start = imported = end = None
+    for event in events:
+        if event[0] == "start":
+            start = float(event[1])
+        elif event[0] == "imported":
+            imported = float(event[1])
+        elif event[0] == "enter":
+            open_at[(event[1], int(event[2]))] = float(event[3])
+        elif event[0] == "exit":
+            key = (event[1], int(event[2]))
+            t = float(event[4])
+            occurrences.append(dict(window=key[0], occurrence=key[1],
+                                    ops=int(event[3]), seconds=t - open_at[key],
+                                    at=t - start))
+            end = t
+    return dict(occurrences=occurrences, import_s=imported - start,
+                span_s=(end or imported) - start)
+
+
+def landed(events):
+    """Where the last run of an event log was killed."""
+    run = _runs(events)[-1] if events else []
+    inside = None
+    for event in run:
+        if event[0] == "enter":
+            inside = event[1]
+        elif event[0] == "exit":
+            inside = None
+    if not run or run[-1][0] == "done":
+        return "after completion"
+    if not any(e[0] == "imported" for e in run):
+        return "during imports"
+    return f"inside {inside}" if inside else "between windows"
+
+
+def sha256(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def snapshot(work_dir):
+    """What a finished command left: members (hashes), export files, and
+    leftovers (temporary files, backups, unexpected members)."""
+    work_dir = pathlib.Path(work_dir)
+    members = {}
+    leftovers = []
+    for path in sorted((work_dir / "members").glob("*")) if (
+            work_dir / "members").exists() else []:
+        if path.name.startswith("member_") and path.name.endswith(".kftm"):
+            members[path.name] = sha256(path)
+        else:
+            leftovers.append(str(path.relative_to(work_dir)))
+    export = work_dir / "export" / "1"
+    export_files = sorted(
+        str(p.relative_to(export)) for p in export.rglob("*") if p.is_file()
+    ) if export.exists() else []
+    for path in work_dir.rglob("*"):
+        name = path.name
+        if ".tmp" in name or ".old-" in name or name.startswith(".candidate"):
+            leftovers.append(str(path.relative_to(work_dir)))
+    if (work_dir / "backup").exists():
+        leftovers.append("backup/ (not deleted at the end of fit)")
+    if (work_dir / "export").exists():
+        extra = [p.name for p in (work_dir / "export").iterdir() if p.name != "1"]
+        leftovers.extend(f"export/{n}" for n in extra)
+    return dict(members=members, export_files=export_files,
+                leftovers=sorted(set(leftovers)))
+
+
+PROBE_SEED = 123
+
+
+def export_outputs(export_dir):
+    """Serving outputs of an export on fixed probe inputs, and its variables."""
+    import numpy as np
+    import tensorflow as tf
+
+    loaded = tf.saved_model.load(str(export_dir))
+    probe = np.random.default_rng(PROBE_SEED).normal(
+        size=(64, FEATURES)).astype("float32")
+    result = {}
+    for name in ("serving_default", "members"):
+        outputs = loaded.signatures[name](inputs=tf.constant(probe))
+        for key, value in outputs.items():
+            result[f"{name}/{key}"] = value.numpy()
+    for i, variable in enumerate(loaded.variables):
+        result[f"variable/{i}/{variable.name}"] = variable.numpy()
+    return result
+
+
+def same_outputs(a, b):
+    import numpy as np
+
+    return sorted(a) == sorted(b) and all(
+        a[k].dtype == b[k].dtype and a[k].shape == b[k].shape
+        and a[k].tobytes() == b[k].tobytes() for k in a) and all(
+        not np.isnan(a[k]).any() for k in a if a[k].dtype.kind == "f")
+
+
+def reference(scenario, root, timeout_s):
+    folder = pathlib.Path(root) / f"reference_{scenario}"
+    code, seconds, err = _run_child(scenario, folder, timeout_s=timeout_s)
+    if code != 0:
+        raise RuntimeError(f"The uninterrupted {scenario} run failed:\n{err}")
+    events = read_events(folder)
+    return dict(folder=str(folder), seconds=seconds,
+                profile=window_profile(events), snapshot=snapshot(folder),
+                outputs=export_outputs(folder / "export" / "1"))
+
+
+def plan_trials(trials, seed, references):
+    """Seeded kill plans: 40% at a uniform time over the run after imports,
+    60% aimed at a window occurrence (before a file operation, or after a
+    fraction of its duration)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    plans = []
+    for trial in range(trials):
+        scenario = SCENARIOS[trial % 2] if trial % 5 else "edst"
+        ref = references[scenario]["profile"]
+        occurrences = [o for o in ref["occurrences"]]
+        if rng.random() < 0.4 or not occurrences:
+            t = float(rng.uniform(ref["import_s"], ref["span_s"]))
+            plans.append(dict(trial=trial, scenario=scenario, kind="time",
+                              kill_after=round(t, 3)))
+            continue
+        windows = sorted({o["window"] for o in occurrences})
+        window = windows[int(rng.integers(len(windows)))]
+        chosen = [o for o in occurrences if o["window"] == window]
+        occ = chosen[int(rng.integers(len(chosen)))]
+        if occ["ops"] > 0 and rng.random() < 0.6:
+            plan = dict(window=window, occurrence=occ["occurrence"], mode="op",
+                        op=int(rng.integers(1, occ["ops"] + 1)))
+        else:
+            plan = dict(window=window, occurrence=occ["occurrence"], mode="timer",
+                        delay=round(float(rng.uniform(0, max(occ["seconds"], 1e-3))), 6))
+        plans.append(dict(trial=trial, scenario=scenario, kind="window", plan=plan))
+    return plans
+
+
+def kill_trial(plan, root, references, timeout_s):
+    """One kill and the restarts until the command completes."""
+    import shutil
+
+    scenario = plan["scenario"]
+    folder = pathlib.Path(root) / f"trial_{plan['trial']:03d}_{scenario}"
+    shutil.rmtree(folder, ignore_errors=True)
+    code, seconds, err = _run_child(
+        scenario, folder, plan=plan.get("plan"), kill_after=plan.get("kill_after"),
+        timeout_s=timeout_s)
+    events = read_events(folder)
+    record = dict(plan, first_returncode=code, killed=code == -signal.SIGKILL,
+                  landed=landed(events), first_seconds=round(seconds, 2))
+    restarts = 0
+    while code != 0 and restarts < 3:
+        restarts += 1
+        code, _, err = _run_child(scenario, folder, timeout_s=timeout_s)
+    record["restarts"] = restarts
+    record["completed"] = code == 0
+    if code != 0:
+        record["error"] = err[-1500:]
+        record.update(lost=True, half_written=True)
+        return record
+    runs = _runs(read_events(folder))
+    record["resumed_from"] = next(
+        (e[1] for e in runs[-1] if e[0] == "restored"), None) if len(runs) > 1 else None
+    snap = snapshot(folder)
+    ref = references[scenario]
+    record["members_equal"] = snap["members"] == ref["snapshot"]["members"]
+    record["export_files_equal"] = snap["export_files"] == ref["snapshot"]["export_files"]
+    record["export_outputs_equal"] = same_outputs(
+        export_outputs(folder / "export" / "1"), ref["outputs"])
+    record["leftovers"] = snap["leftovers"]
+    record["lost"] = not (record["members_equal"] and record["export_files_equal"]
+                          and record["export_outputs_equal"])
+    record["half_written"] = bool(snap["leftovers"])
+    if not (record["lost"] or record["half_written"]):
+        shutil.rmtree(folder, ignore_errors=True)
+    return record
+
+
+def kill_campaign(root, trials, seed, timeout_s=240, scenarios=SCENARIOS):
+    """Runs `trials` kill trials; returns (rows, records)."""
+    root = pathlib.Path(root)
+    references = {s: reference(s, root, timeout_s) for s in scenarios}
+    plans = [p for p in plan_trials(trials, seed, references)
+             if p["scenario"] in scenarios]
+    records = [kill_trial(p, root, references, timeout_s) for p in plans]
+    rows = []
+    for scenario in scenarios:
+        for target in ("time",) + WINDOWS:
+            chosen = [r for r in records if r["scenario"] == scenario and (
+                r["kind"] == "time" if target == "time"
+                else r.get("plan", {}).get("window") == target)]
+            if not chosen:
+                continue
+            where = {}
+            for r in chosen:
+                where[r["landed"]] = where.get(r["landed"], 0) + 1
+            ok = [r for r in chosen if r["completed"] and not r["lost"]
+                  and not r["half_written"]]
+            label = ("at a seeded random time" if target == "time"
+                     else f"aimed inside {target.replace('_', ' ')}")
+            rows.append(dict(
+                fault_class="kill", fault=f"{scenario.upper()}: SIGKILL {label}, restart",
+                trials=len(chosen),
+                outcome=(f"{len(ok)}/{len(chosen)} completed with members and export "
+                         "equal to the uninterrupted run; kills landed "
+                         + ", ".join(f"{k}: {v}" for k, v in sorted(where.items()))),
+                lost=sum(r["lost"] for r in chosen),
+                half_written=sum(r["half_written"] for r in chosen),
+            ))
+    reference_info = {s: dict(seconds=round(r["seconds"], 2),
+                              members=r["snapshot"]["members"],
+                              windows=r["profile"]["occurrences"])
+                      for s, r in references.items()}
+    return rows, dict(references=reference_info, trials=records)
+
+
+
+# =========================================================================
+# Malformed inputs.
+# =========================================================================
+class _Patched:
+    """Sets an attribute for the duration of a `with` block."""
+
+    def __init__(self, obj, name, value):
+        self.obj, self.name, self.value = obj, name, value
+
+    def __enter__(self):
+        self.old = getattr(self.obj, self.name)
+        setattr(self.obj, self.name, self.value)
+
+    def __exit__(self, *exc):
+        setattr(self.obj, self.name, self.old)
+
+
+class _Env:
+    """Sets an environment variable for the duration of a `with` block."""
+
+    def __init__(self, name, value):
+        self.name, self.value = name, value
+
+    def __enter__(self):
+        self.old = os.environ.get(self.name)
+        os.environ[self.name] = self.value
+
+    def __exit__(self, *exc):
+        if self.old is None:
+            os.environ.pop(self.name, None)
+        else:
+            os.environ[self.name] = self.old
+
+
+def _small(inputs=8, classes=3, hidden=12, seed=0, name=None):
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential([
+        keras.Input((inputs,)), keras.layers.Dense(hidden, activation="relu"),
+        keras.layers.Dense(classes)], name=name)
+
+
+def malformed_cases(tmp):
+    """(fault, callable, substrings the message must hold) for each case."""
+    import keras
+    import numpy as np
+
+    import keras_freetickets as kft
+    from keras_freetickets import distributed
+    from keras_freetickets import export as export_lib
+    from keras_freetickets import members as members_lib
+
+    tmp = pathlib.Path(tmp)
+    sgd = lambda: keras.optimizers.SGD(0.1)  # noqa: E731
+    loss = lambda: keras.losses.SparseCategoricalCrossentropy(True)  # noqa: E731
+    x = np.zeros((8, 8), "float32")
+    y = np.zeros(8, "int64")
+
+    def fit_with(model, **opt_kwargs):
+        opt = kft.SparseOptimizer(sgd(), **opt_kwargs)
+        model.compile(opt, loss())
+        model.fit(x, y, epochs=1, verbose=0)
+
+    def no_prunable():
+        model = keras.Sequential([keras.Input((8,)),
+                                  keras.layers.BatchNormalization()])
+        opt = kft.SparseOptimizer(sgd(), sparsity=0.5)
+        model.compile(opt, "mse")
+        model.fit(x, x, epochs=1, verbose=0)
+
+    class Unmarked(keras.layers.Layer):
+        def build(self, input_shape):
+            self.w = self.add_weight(shape=(input_shape[-1], 3), name="w")
+
+        def call(self, inputs):
+            return inputs @ self.w
+
+    def unmarked():
+        model = keras.Sequential([keras.Input((8,)), Unmarked(name="custom")])
+        fit_with(model, sparsity=0.5)
+
+    def members_dir(name, models):
+        folder = tmp / name
+        for i, model in enumerate(models):
+            members_lib.save_member(model, members_lib.member_path(folder, i),
+                                    overwrite=True)
+        return folder
+
+    def conv():
+        import keras as k
+        return k.Sequential([k.Input((4, 4, 1)), k.layers.Conv2D(2, 3),
+                             k.layers.Flatten(), k.layers.Dense(3)])
+
+    def from_dir(folder):
+        return lambda: kft.FreeTicketsEnsemble.from_directory(folder)
+
+    def member_file(name, edit):
+        import zipfile
+        path = tmp / f"{name}.kftm"
+        members_lib.save_member(_small(), path, overwrite=True)
+        edit(path, zipfile)
+        return path
+
+    def truncate(path, zipfile):
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+
+    def future_format(path, zipfile):
+        with zipfile.ZipFile(path) as zf:
+            entries = {n: zf.read(n) for n in zf.namelist()}
+        manifest = json.loads(entries["kftm.json"])
+        manifest["format_version"] = 2
+        entries["kftm.json"] = json.dumps(manifest).encode()
+        with zipfile.ZipFile(path, "w") as zf:
+            for n, d in entries.items():
+                zf.writestr(n, d)
+
+    def keras_file_from_other_version():
+        import zipfile
+        model = _small()
+        model.compile(kft.SparseOptimizer(sgd(), sparsity=0.5), loss())
+        model.fit(x, y, epochs=1, verbose=0)
+        path = tmp / "other_version.keras"
+        model.save(path)
+        with zipfile.ZipFile(path) as zf:
+            entries = {n: zf.read(n) for n in zf.namelist()}
+        config = json.loads(entries["config.json"])
+        config["compile_config"]["optimizer"]["config"]["mask_format"] = "v9"
+        entries["config.json"] = json.dumps(config).encode()
+        with zipfile.ZipFile(path, "w") as zf:
+            for n, d in entries.items():
+                zf.writestr(n, d)
+        keras.models.load_model(path)
+
+    def export_to(path, **kwargs):
+        ensemble = kft.FreeTicketsEnsemble([_small()])
+        return lambda: export_lib.export_ensemble(ensemble, path, **kwargs)
+
+    def gap_dir():
+        folder = members_dir("gap", [_small(), _small()])
+        os.replace(members_lib.member_path(folder, 1),
+                   members_lib.member_path(folder, 2))
+        (folder / ".member_1.kftm.0123.tmp").write_bytes(b"PK")
+        return folder
+
+    def edst_on(model_opt, epochs=8):
+        model = _small()
+        model.compile(model_opt, loss())
+        edst = kft.EDSTCallback(num_members=2, exploration_epochs=2,
+                                refinement_epochs=2, member_dir=str(tmp / "e"))
+        model.fit(x, y, epochs=epochs, verbose=0, callbacks=[edst])
+
+    def unreadable_dir():
+        folder = members_dir("unreadable", [_small()])
+
+        def refuse(path):
+            raise PermissionError(13, "Permission denied", str(path))
+        with _Patched(os, "listdir", refuse):
+            kft.FreeTicketsEnsemble.from_directory(folder)
+
+    def bad_tf_config_edst():
+        with _Env("TF_CONFIG", "{'cluster': 1}"):
+            model = _small()
+            model.compile(kft.SparseOptimizer(sgd(), sparsity=0.5), loss())
+            edst = kft.EDSTCallback(num_members=1, exploration_epochs=0,
+                                    refinement_epochs=1, save_best="loss",
+                                    member_dir=str(tmp / "tfc"))
+            model.fit(x, y, epochs=1, verbose=0, callbacks=[edst])
+
+    def bad_tf_config_strategy():
+        with _Env("TF_CONFIG", "cluster=worker0"):
+            distributed.make_strategy("multi_worker")
+
+    (tmp / "a_file").write_text("x")
+    (tmp / "empty").mkdir(exist_ok=True)
+    cases = [
+        ("SparseOptimizer sparsity above 1",
+         lambda: kft.SparseOptimizer(sgd(), sparsity=1.5), ["sparsity", "1.5"]),
+        ("SparseOptimizer negative numpy sparsity",
+         lambda: kft.SparseOptimizer(sgd(), sparsity=np.float32(-0.1)),
+         ["sparsity", "-0.1"]),
+        ("SparseOptimizer sparsity as a string",
+         lambda: kft.SparseOptimizer(sgd(), sparsity="0.8"), ["sparsity", "'0.8'"]),
+        ("SparseOptimizer sparsity NaN",
+         lambda: kft.SparseOptimizer(sgd(), sparsity=float("nan")), ["sparsity", "nan"]),
+        ("unknown distribution",
+         lambda: kft.SparseOptimizer(sgd(), distribution="gaussian"),
+         ["distribution", "gaussian"]),
+        ("unknown grow rule",
+         lambda: kft.SparseOptimizer(sgd(), grow="magic"), ["grow", "magic"]),
+        ("drop_fraction 0",
+         lambda: kft.SparseOptimizer(sgd(), drop_fraction=0.0), ["drop_fraction", "0.0"]),
+        ("update_interval 0",
+         lambda: kft.SparseOptimizer(sgd(), update_interval=0), ["update_interval", "0"]),
+        ("inner optimizer given by name",
+         lambda: kft.SparseOptimizer("sgd"), ["inner_optimizer", "'sgd'"]),
+        ("unsupported inner optimizer (Ftrl)",
+         lambda: kft.SparseOptimizer(keras.optimizers.Ftrl()), ["inner_optimizer", "Ftrl"]),
+        ("inner optimizer with use_ema",
+         lambda: kft.SparseOptimizer(keras.optimizers.SGD(use_ema=True)),
+         ["use_ema", "True"]),
+        ("model with no prunable kernel", no_prunable,
+         ["no prunable weights", "batch_normalization"]),
+        ("custom layer with an unmarked kernel", unmarked,
+         ["no prunable weights", "custom/w", "prunable"]),
+        ("EDSTCallback num_members 0",
+         lambda: kft.EDSTCallback(num_members=0), ["num_members", "0"]),
+        ("EDSTCallback global_drop_fraction 1.5",
+         lambda: kft.EDSTCallback(global_drop_fraction=1.5),
+         ["global_drop_fraction", "1.5"]),
+        ("EDSTCallback empty member_dir",
+         lambda: kft.EDSTCallback(member_dir=""), ["member_dir", "''"]),
+        ("EDSTCallback on a model without SparseOptimizer",
+         lambda: edst_on(sgd()), ["SparseOptimizer", "Sequential"]),
+        ("EDST fit with too few epochs",
+         lambda: edst_on(kft.SparseOptimizer(sgd(), sparsity=0.5), epochs=3),
+         ["epochs=3", "6"]),
+        ("train_dst_ensemble duplicate seeds",
+         lambda: kft.train_dst_ensemble(_small, (x, y), num_members=2, seeds=[1, 1],
+                                        batch_size=4),
+         ["seeds", "[1, 1]"]),
+        ("train_dst_ensemble member_index out of range",
+         lambda: kft.train_dst_ensemble(_small, (x, y), num_members=2, member_index=5,
+                                        batch_size=4),
+         ["member_index", "5"]),
+        ("member dir: architectures with different input shapes",
+         from_dir(members_dir("arch", [_small(), conv()])),
+         ["share input and output shapes", "(None, 8)", "(None, 4, 4, 1)"]),
+        ("member dir: different numbers of classes",
+         from_dir(members_dir("classes", [_small(classes=3), _small(classes=5)])),
+         ["share input and output shapes", "(None, 3)", "(None, 5)"]),
+        ("member dir: different input shapes",
+         from_dir(members_dir("inputs", [_small(inputs=8), _small(inputs=9)])),
+         ["share input and output shapes", "(None, 8)", "(None, 9)"]),
+        ("member dir empty", from_dir(tmp / "empty"), ["No members found", "empty"]),
+        ("member dir missing", from_dir(tmp / "nope"), ["not found", "nope"]),
+        ("member dir is a file", from_dir(tmp / "a_file"), ["a_file", "a file is there"]),
+        ("member dir unreadable", unreadable_dir, ["cannot be read", "unreadable"]),
+        ("member dir with a member missing (being written)", from_dir(gap_dir()),
+         ["waiting for member 1", "being written"]),
+        ("member file truncated",
+         lambda: members_lib.load_member(member_file("torn", truncate)),
+         ["torn.kftm", "not a valid member file"]),
+        ("member file of a newer format version",
+         lambda: members_lib.load_member(member_file("future", future_format)),
+         ["future.kftm", "format version 2"]),
+        (".keras file saved by another keras_freetickets version",
+         keras_file_from_other_version, ["SparseOptimizer", "mask_format"]),
+        ("export path is a file",
+         export_to(str(tmp / "a_file"), overwrite=True), ["path", "a_file", "file"]),
+        ("export path inside a file",
+         export_to(str(tmp / "a_file" / "1")), ["path", "a_file", "is a file"]),
+        ("export overwrite not a bool",
+         export_to(str(tmp / "x" / "1"), overwrite="yes"), ["overwrite", "'yes'"]),
+        ("TF_CONFIG that does not parse (task_info)",
+         lambda: _with_env("TF_CONFIG", "{cluster: }", distributed.task_info),
+         ["TF_CONFIG", "{cluster: }"]),
+        ("TF_CONFIG that does not parse (EDST candidates)", bad_tf_config_edst,
+         ["TF_CONFIG", "{'cluster': 1}"]),
+        ("TF_CONFIG that does not parse (make_strategy)", bad_tf_config_strategy,
+         ["TF_CONFIG", "cluster=worker0"]),
+        ("TF_CONFIG task index out of range",
+         lambda: distributed.task_info({"cluster": {"worker": ["a:1"]},
+                                        "task": {"type": "worker", "index": 4}}),
+         ["task.index", "4"]),
+        ("save_member metadata not JSON",
+         lambda: members_lib.save_member(_small(), tmp / "m.kftm", metadata={"f": object()},
+                                         overwrite=True),
+         ["metadata", "object"]),
+        ("save_member path is a folder",
+         lambda: members_lib.save_member(_small(), tmp / "empty", overwrite=True),
+         ["path", "empty", "folder"]),
+        ("BackupAndRestore save_freq 0",
+         lambda: kft.BackupAndRestore(str(tmp / "b"), save_freq=0), ["save_freq", "0"]),
+        ("ensemble output kind unknown",
+         lambda: kft.FreeTicketsEnsemble([_small()], output="softmax"),
+         ["output", "softmax"]),
+    ]
+    return cases
+
+
+def _with_env(name, value, fn):
+    with _Env(name, value):
+        return fn()
+
+
+def check_error(fn, substrings):
+    """Runs a malformed call; returns a record of how it failed."""
+    import traceback
+
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001 -- the point is to see what comes out
+        frames = traceback.extract_tb(e.__traceback__)
+        deep = [f.filename for f in frames
+                if f"site-packages{os.sep}tensorflow{os.sep}" in f.filename]
+        message = str(e)
+        missing = [s for s in substrings if s not in message]
+        clean = isinstance(e, (ValueError, TypeError, OSError)) and not deep
+        return dict(error=type(e).__name__, message=message[:400],
+                    missing=missing, tf_frames=len(deep),
+                    ok=clean and not missing)
+    return dict(error=None, message="(no error raised)", missing=substrings,
+                tf_frames=0, ok=False)
+
+
+def inputs_faults(tmp):
+    rows, records = [], []
+    for fault, fn, substrings in malformed_cases(tmp):
+        record = dict(fault=fault, **check_error(fn, substrings))
+        records.append(record)
+        rows.append(dict(
+            fault_class="malformed input", fault=fault, trials=1,
+            outcome=(f"{record['error']}: {record['message'][:110]}"
+                     + ("" if record["ok"] else
+                        f" [NOT CLEAR: missing {record['missing']}, "
+                        f"{record['tf_frames']} TF frames]")),
+            lost=0, half_written=0))
+    return rows, records
+
+
+def main(argv):
+    del argv
+    validate_flags()
+    if FLAGS.worker:
+        run_worker(FLAGS.worker, FLAGS.work_dir, FLAGS.member_index)
+        return
+    run_campaign()
+
+
+if __name__ == "__main__":
+    app.run(main)
