@@ -884,6 +884,204 @@ def inputs_faults(tmp):
     return rows, records
 
 
+
+# =========================================================================
+# Numeric faults.
+# =========================================================================
+def _mask_facts(opt, old_masks):
+    import numpy as np
+
+    facts = dict(problems=opt.check_invariants(), grown_nan=0, inactive_nonzero=0,
+                 counts_exact=True, active_nan=0)
+    for layer, old in zip(opt.sparse_layers, old_masks):
+        mask = layer.mask.numpy()
+        weights = layer.variable.numpy()
+        grown = mask & ~old
+        facts["grown_nan"] += int(np.isnan(weights[grown]).sum())
+        facts["inactive_nonzero"] += int(np.count_nonzero(weights[~mask]))
+        facts["active_nan"] += int(np.isnan(weights[mask]).sum())
+        facts["counts_exact"] &= int(mask.sum()) == layer.num_active
+    return facts
+
+
+def update_step_fault(what, grow):
+    """A batch with NaN/Inf in the inputs or labels at a mask-update step."""
+    import keras
+    import numpy as np
+
+    import keras_freetickets as kft
+
+    model = _small(hidden=16)
+    opt = kft.SparseOptimizer(keras.optimizers.SGD(0.05, momentum=0.9),
+                              sparsity=0.7, update_interval=2, grow=grow, seed=0)
+    model.compile(opt, keras.losses.CategoricalCrossentropy(from_logits=True))
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(16, 8)).astype("float32")
+    y = np.eye(3, dtype="float32")[rng.integers(0, 3, 16)]
+    model.train_on_batch(x, y)  # step 0
+    model.train_on_batch(x, y)  # step 1 (step 2 is an update step)
+    old = [layer.mask.numpy() for layer in opt.sparse_layers]
+    updates = int(opt.mask_updates.numpy())
+    bad_x, bad_y = x.copy(), y.copy()
+    value = {"nan": np.nan, "inf": np.inf}[what.split()[0]]
+    if what.endswith("inputs"):
+        bad_x[0, 0] = value
+    else:
+        bad_y[0, 0] = value
+    loss = float(np.asarray(model.train_on_batch(bad_x, bad_y)))
+    facts = _mask_facts(opt, old)
+    facts.update(loss=repr(loss), updates_run=int(opt.mask_updates.numpy()) - updates,
+                 masks_changed=any((l.mask.numpy() != o).any()
+                                   for l, o in zip(opt.sparse_layers, old)))
+    facts["ok"] = (not facts["problems"] and facts["counts_exact"]
+                   and facts["grown_nan"] == 0 and facts["inactive_nonzero"] == 0
+                   and facts["updates_run"] == 1)
+    return facts
+
+
+def overflow_fault(overflow_steps, steps=6):
+    """mixed_float16: batches at `overflow_steps` (0-based batch numbers)
+    overflow, so LossScaleOptimizer skips them. Returns the step counter and
+    mask-update count after each batch."""
+    import keras
+    import numpy as np
+
+    import keras_freetickets as kft
+
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([
+            keras.Input((8,)), keras.layers.Dense(16, activation="relu"),
+            keras.layers.Dense(3, dtype="float32")])
+        opt = kft.SparseOptimizer(keras.optimizers.SGD(0.05), sparsity=0.7,
+                                  update_interval=2, seed=0)
+        model.compile(opt, keras.losses.SparseCategoricalCrossentropy(True))
+        rng = np.random.default_rng(0)
+        x = rng.normal(size=(16, 8)).astype("float32")
+        y = rng.integers(0, 3, 16)
+        trace = []
+        for batch in range(steps):
+            old = [layer.mask.numpy() for layer in opt.sparse_layers]
+            xb = x * 1e6 if batch in overflow_steps else x
+            loss = float(np.asarray(model.train_on_batch(xb, y)))
+            facts = _mask_facts(opt, old)
+            trace.append(dict(batch=batch, loss=repr(loss),
+                              applied_steps=int(opt.iterations.numpy()),
+                              mask_updates=int(opt.mask_updates.numpy()),
+                              loss_scale=float(model.optimizer.dynamic_scale.numpy()),
+                              problems=facts["problems"],
+                              counts_exact=facts["counts_exact"],
+                              nan_weights=facts["active_nan"] + facts["grown_nan"]))
+        return dict(optimizer=type(model.optimizer).__name__, trace=trace)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
+def terminate_on_nan_fault(tmp, nan_epoch):
+    """EDSTCallback + kft.BackupAndRestore + TerminateOnNaN, NaN inputs in
+    one batch of epoch `nan_epoch`."""
+    import keras
+    import numpy as np
+
+    import keras_freetickets as kft
+    from keras_freetickets import members as members_lib
+
+    tmp = pathlib.Path(tmp) / f"terminate_{nan_epoch}"
+    model = _small(hidden=16)
+    opt = kft.SparseOptimizer(keras.optimizers.SGD(0.05), sparsity=0.7,
+                              update_interval=2, seed=0)
+    model.compile(opt, keras.losses.SparseCategoricalCrossentropy(True))
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(32, 8)).astype("float32")
+    y = rng.integers(0, 3, 32)
+    edst = kft.EDSTCallback(num_members=2, exploration_epochs=1, refinement_epochs=2,
+                            member_dir=str(tmp / "members"), quiet_steps=1)
+    backup = kft.BackupAndRestore(str(tmp / "backup"))
+
+    class Poison(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            if epoch == nan_epoch:  # as a NaN batch would leave them
+                model.layers[-1].bias.assign(np.full(3, np.nan, "float32"))
+
+    history = model.fit(x, y, batch_size=8, epochs=edst.total_epochs, shuffle=False,
+                        verbose=0, callbacks=[edst, backup, Poison(),
+                                              keras.callbacks.TerminateOnNaN()])
+    restored = _small(hidden=16)
+    restored.compile(kft.SparseOptimizer(keras.optimizers.SGD(0.05), sparsity=0.7,
+                                         update_interval=2, seed=0),
+                     keras.losses.SparseCategoricalCrossentropy(True))
+    again = kft.BackupAndRestore(str(tmp / "backup"))
+    again.set_model(restored)
+    again.on_train_begin()
+    finite = all(np.isfinite(w).all() for w in restored.get_weights())
+    nan_members = []
+    if (tmp / "members").exists():
+        for path in sorted((tmp / "members").glob("member_*.kftm")):
+            arrays = members_lib.read_member_weights(path)
+            if any(np.isnan(a).any() for a in arrays.values()):
+                nan_members.append(path.name)
+    return dict(epochs_run=history.epoch, stopped=len(history.epoch) < edst.total_epochs,
+                backup_epoch=restored._initial_epoch, backup_finite=finite,
+                nan_members=nan_members,
+                ok=(len(history.epoch) == nan_epoch + 1 and finite
+                    and restored._initial_epoch == nan_epoch and not nan_members))
+
+
+def numeric_faults(tmp):
+    rows, records = [], []
+    for what in ("nan inputs", "inf inputs", "nan labels", "inf labels"):
+        for grow in ("gradient", "random"):
+            facts = update_step_fault(what, grow)
+            records.append(dict(fault=f"{what} at a mask update ({grow})", **facts))
+            rows.append(dict(
+                fault_class="numeric",
+                fault=f"{what.split()[0].upper()} in the {what.split()[1]} of a mask-update "
+                      f"step, grow={grow}",
+                trials=1,
+                outcome=(f"loss {facts['loss']}; update ran {facts['updates_run']}x; "
+                         f"exact counts: {facts['counts_exact']}; NaN grown: "
+                         f"{facts['grown_nan']}; inactive nonzero: "
+                         f"{facts['inactive_nonzero']}; invariants: "
+                         f"{facts['problems'] or 'ok'}"),
+                lost=0 if facts["ok"] else 1, half_written=0))
+    for overflow_steps, label in (((2,), "on the batch due for a mask update"),
+                                  ((1,), "on an ordinary batch")):
+        result = overflow_fault(overflow_steps)
+        trace = result["trace"]
+        steps = [t["applied_steps"] for t in trace]
+        updates = [t["mask_updates"] for t in trace]
+        # Updates are due at applied steps 2, 4, ...: each must run exactly
+        # once, on the first applied step with that number.
+        expected = [sum(1 for s in range(n) if s >= 2 and s % 2 == 0) for n in steps]
+        ok = (updates == expected and all(t["counts_exact"] and not t["problems"]
+                                          and t["nan_weights"] == 0 for t in trace)
+              and steps[overflow_steps[0]] == steps[overflow_steps[0] - 1])
+        records.append(dict(fault=f"mixed_float16 overflow {label}", ok=ok,
+                            expected_updates=expected, **result))
+        rows.append(dict(
+            fault_class="numeric",
+            fault=f"mixed_float16 loss overflow {label} (LossScaleOptimizer skips it)",
+            trials=1,
+            outcome=(f"{result['optimizer']}: applied steps {steps}, mask updates "
+                     f"{updates} after each batch: the skipped batch does not count "
+                     "as a step, the due update runs once on the next applied step; "
+                     f"exact counts and no NaN: {ok}"),
+            lost=0 if ok else 1, half_written=0))
+    for nan_epoch, label in ((1, "an exploration epoch"), (2, "a member's last epoch")):
+        facts = terminate_on_nan_fault(tmp, nan_epoch)
+        records.append(dict(fault=f"TerminateOnNaN, NaN in {label}", **facts))
+        rows.append(dict(
+            fault_class="numeric",
+            fault=f"TerminateOnNaN beside EDSTCallback + kft.BackupAndRestore, NaN in {label}",
+            trials=1,
+            outcome=(f"stopped after epochs {facts['epochs_run']}; backup kept epoch "
+                     f"{facts['backup_epoch']} (finite: {facts['backup_finite']}); "
+                     f"NaN member files: {facts['nan_members'] or 'none'}"),
+            lost=0 if facts["ok"] else 1, half_written=len(facts["nan_members"])))
+    return rows, records
+
+
 def main(argv):
     del argv
     validate_flags()

@@ -50,8 +50,9 @@ class BackupAndRestore(keras.callbacks.Callback):
     (see the module docstring), so a kill at any moment, even inside a
     backup, resumes from the previous or the new backup, never from a torn
     file or a mix. A backup is not taken when the logged loss is NaN or
-    infinite (the last finite one is kept, so `TerminateOnNaN` can stop the
-    run without replacing it). List `EDSTCallback` before this callback so
+    infinite, and then the folder is not deleted when `fit` ends either, so
+    a run stopped by `keras.callbacks.TerminateOnNaN` can be resumed from its
+    last finite state. List `EDSTCallback` before this callback so
     that a member is saved before the backup of the epoch that ends its
     phase. Under multi-worker training give every worker its own folder
     (`kft.distributed.worker_backup_dir`). With an integer `save_freq` a
@@ -113,6 +114,7 @@ class BackupAndRestore(keras.callbacks.Callback):
         self._current_epoch = 0
         self._last_batch_seen = 0
         self._batches_since_save = 0
+        self._non_finite = False
         self.restored_from = None
 
     # ------------------------------------------------------------- restore
@@ -124,6 +126,7 @@ class BackupAndRestore(keras.callbacks.Callback):
                 "built: call it on data or call `model.build(input_shape)`."
             )
         self._batches_since_save = 0
+        self._non_finite = False
         self.restored_from = None
         if not os.path.isdir(self.backup_dir):
             if os.path.lexists(self.backup_dir):
@@ -182,6 +185,7 @@ class BackupAndRestore(keras.callbacks.Callback):
     def _save(self, logs):
         loss = (logs or {}).get("loss")
         if loss is not None and not np.all(np.isfinite(np.asarray(loss, float))):
+            self._non_finite = True
             return  # keep the last finite state
         write_checkpoint(self.model, self.backup_dir, {
             "epoch": self._current_epoch,
@@ -189,6 +193,8 @@ class BackupAndRestore(keras.callbacks.Callback):
         }, keep=2 if self.double_checkpoint else 1)
 
     def on_train_end(self, logs=None):
+        if self._non_finite:
+            return  # stopped on NaN (TerminateOnNaN): keep the last finite state
         if self.delete_checkpoint and os.path.isdir(self.backup_dir):
             delete_backup(self.backup_dir)
 

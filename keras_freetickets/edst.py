@@ -1,5 +1,6 @@
 """`EDSTCallback`: an EDST ensemble (Liu et al., 2022) in one `model.fit`."""
 
+import math
 import os
 import warnings
 
@@ -235,6 +236,8 @@ class EDSTCallback(keras.callbacks.Callback):
         phase, in_phase = self.phase_of(epoch)
         if phase == 0 or epoch >= self.total_epochs:
             return
+        if not math.isfinite(float((logs or {}).get("loss", 0.0))):
+            return  # NaN weights (TerminateOnNaN stops the run): no member
         index = phase - 1
         last = in_phase == self.refinement_epochs - 1
         metadata = self._metadata(index, epoch, logs)
