@@ -1082,6 +1082,177 @@ def numeric_faults(tmp):
     return rows, records
 
 
+
+# =========================================================================
+# Storage faults.
+# =========================================================================
+def _tree_hash(folder):
+    digest = hashlib.sha256()
+    for path in sorted(pathlib.Path(folder).rglob("*")):
+        digest.update(str(path.relative_to(folder)).encode())
+        if path.is_file():
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def _leftovers(folder):
+    return sorted(p.name for p in pathlib.Path(folder).iterdir()
+                  if ".tmp" in p.name or ".old-" in p.name)
+
+
+class _FailAfter:
+    """A stand-in for a writer call that fails with `errno` on call `n`
+    (`as_function()` to replace a method on a class)."""
+
+    def as_function(self):
+        def call(*args, **kwargs):
+            return self(*args, **kwargs)
+        return call
+
+    def __init__(self, real, n, errno_, before=True):
+        self.real, self.n, self.errno, self.before = real, n, errno_, before
+        self.calls = 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls == self.n:
+            if not self.before:
+                self.real(*args, **kwargs)
+            raise OSError(self.errno, os.strerror(self.errno))
+        return self.real(*args, **kwargs)
+
+
+def storage_faults(tmp):
+    import errno
+    import zipfile
+
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    import keras_freetickets as kft
+    from keras_freetickets import members as members_lib
+
+    tmp = pathlib.Path(tmp) / "storage"
+    tmp.mkdir(parents=True, exist_ok=True)
+    rows, records = [], []
+    old_model, new_model = _small(seed=0), _small(seed=1)
+    probe = np.random.default_rng(0).normal(size=(4, 8)).astype("float32")
+
+    def row(fault, record):
+        records.append(dict(fault=fault, **record))
+        rows.append(dict(fault_class="storage", fault=fault, trials=1,
+                         outcome=record["outcome"],
+                         lost=0 if record["intact"] else 1,
+                         half_written=len(record["leftovers"])))
+
+    def member_case(fault, target, patch_obj, patch_name, n, errno_, before=True):
+        path = tmp / f"{target}.kftm"
+        if target == "overwrite":
+            members_lib.save_member(old_model, path, overwrite=True)
+        before_bytes = path.read_bytes() if path.exists() else None
+        real = getattr(patch_obj, patch_name)
+        with _Patched(patch_obj, patch_name,
+                      _FailAfter(real, n, errno_, before).as_function()):
+            try:
+                members_lib.save_member(new_model, path, overwrite=True)
+                error = None
+            except OSError as e:
+                error = e
+        if before_bytes is None:
+            intact = not path.exists()
+        else:
+            intact = path.read_bytes() == before_bytes and np.array_equal(
+                members_lib.load_member(path).predict(probe, verbose=0),
+                old_model.predict(probe, verbose=0))
+        said = error is not None and error.errno == errno_ and str(path) in str(error)
+        row(fault, dict(intact=intact and said, leftovers=_leftovers(tmp),
+                        error=str(error), outcome=(
+                            f"{type(error).__name__}: {error}; "
+                            + ("old file intact and loadable" if before_bytes
+                               else "no file created"))))
+
+    member_case("ENOSPC midway through a new member file (3rd zip entry)", "new",
+                zipfile.ZipFile, "writestr", 3, errno.ENOSPC)
+    member_case("ENOSPC midway through overwriting a member file", "overwrite",
+                zipfile.ZipFile, "writestr", 4, errno.ENOSPC)
+    member_case("EIO on fsync of a member file being overwritten", "overwrite",
+                os, "fsync", 1, errno.EIO)
+    member_case("EIO on the rename that replaces a member file", "overwrite",
+                os, "replace", 1, errno.EIO)
+
+    ensemble = kft.FreeTicketsEnsemble([old_model, new_model])
+    old_export = tmp / "serving" / "1"
+    ensemble.export(str(old_export))
+    reference = tf.saved_model.load(str(old_export)).signatures["serving_default"](
+        inputs=tf.constant(probe))["probabilities"].numpy()
+    old_hash = _tree_hash(old_export)
+
+    def export_case(fault, overwrite_existing, patch_obj, patch_name, n, errno_,
+                    before=True, tf_error=False):
+        path = old_export if overwrite_existing else tmp / "serving" / "2"
+        real = getattr(patch_obj, patch_name)
+        fail = _FailAfter(real, n, errno_, before).as_function()
+        if tf_error:
+            def fail(*args, **kwargs):  # noqa: F811 -- TF's own error type
+                real(*args, **kwargs)
+                raise tf.errors.ResourceExhaustedError(
+                    None, None, "variables.data: No space left on device")
+        with _Patched(patch_obj, patch_name, fail):
+            try:
+                ensemble.export(str(path), overwrite=overwrite_existing)
+                error = None
+            except (OSError, tf.errors.OpError) as e:
+                error = e
+        if overwrite_existing:
+            served = tf.saved_model.load(str(path)).signatures["serving_default"](
+                inputs=tf.constant(probe))["probabilities"].numpy()
+            intact = _tree_hash(path) == old_hash and np.array_equal(served, reference)
+        else:
+            intact = not path.exists()
+        said = error is not None and str(path) in str(error) and "failed" in str(error)
+        row(fault, dict(intact=intact and said,
+                        leftovers=_leftovers(path.parent), error=str(error),
+                        outcome=(f"{type(error).__name__}: {str(error)[:200]}; "
+                                 + ("old export intact, loads and serves the same"
+                                    if overwrite_existing else "no folder created"))))
+
+    # ExportArchive.write_out ends in tf.saved_model.save: the failure comes
+    # after it wrote its files, as a full disk would at its last write.
+    export_case("ENOSPC after the SavedModel was partly written (new export)", False,
+                tf.saved_model, "save", 1, errno.ENOSPC, before=False)
+    export_case("TF ResourceExhaustedError while writing variables (new export)",
+                False, tf.saved_model, "save", 1, errno.ENOSPC, tf_error=True)
+    export_case("ENOSPC midway through overwriting an export", True,
+                tf.saved_model, "save", 1, errno.ENOSPC, before=False)
+    export_case("EIO moving the old export aside (overwrite)", True,
+                os, "rename", 1, errno.EIO)
+    export_case("EIO renaming the new export into place (overwrite)", True,
+                os, "rename", 2, errno.EIO)
+
+    from keras_freetickets import backup as backup_lib
+
+    model = _small()
+    model.compile(kft.SparseOptimizer(keras.optimizers.SGD(0.1), sparsity=0.5),
+                  keras.losses.SparseCategoricalCrossentropy(True))
+    model.fit(probe, np.zeros(4, "int64"), verbose=0)
+    folder = tmp / "backup"
+    backup_lib.write_checkpoint(model, folder, {"epoch": 1})
+    old_hash = _tree_hash(folder)
+    with _Patched(backup_lib, "_write_file", _FailAfter(backup_lib._write_file, 1,
+                                                        errno.ENOSPC)):
+        try:
+            backup_lib.write_checkpoint(model, folder, {"epoch": 2})
+            error = None
+        except OSError as e:
+            error = e
+    intact = _tree_hash(folder) == old_hash and error is not None and str(folder) in str(error)
+    row("ENOSPC writing a kft.BackupAndRestore checkpoint", dict(
+        intact=intact, leftovers=_leftovers(folder), error=str(error),
+        outcome=f"{type(error).__name__}: {error}; previous checkpoint intact"))
+    return rows, records
+
+
 def main(argv):
     del argv
     validate_flags()
