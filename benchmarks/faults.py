@@ -54,23 +54,34 @@ CLASSES = ("kills", "inputs", "numeric", "storage", "concurrency", "serving")
 SCENARIOS = ("edst", "dst")
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("out_dir", str(REPO / "benchmarks" / "results"),
-                    "Folder for faults.md and faults.json.")
-flags.DEFINE_string("work_dir", None,
-                    "Scratch folder (default: a new temporary folder).")
-flags.DEFINE_integer("kill_trials", 32, "SIGKILL trials (EDST and DST).")
-flags.DEFINE_integer("seed", 0, "Seed of the kill times and targets.")
-flags.DEFINE_list("classes", list(CLASSES), "Fault classes to run.")
-flags.DEFINE_integer("trial_timeout_s", 240, "Hard limit of one child run.")
-# Internal: the training command that the kill campaign runs and kills.
-flags.DEFINE_enum("worker", None, list(SCENARIOS), "Run one training command.")
-flags.DEFINE_integer("member_index", None, "DST worker: train this member only.")
+
+
+def define_flags():
+    """Defines the flags (only when run as a script, so that tests can
+    import this module beside other benchmarks)."""
+    flags.DEFINE_string("out_dir", str(REPO / "benchmarks" / "results"),
+                        "Folder for faults.md and faults.json.")
+    flags.DEFINE_string("work_dir", None,
+                        "Scratch folder (default: a new temporary folder).")
+    flags.DEFINE_integer("kill_trials", 32, "SIGKILL trials (EDST and DST).")
+    flags.DEFINE_integer("seed", 0, "Seed of the kill times and targets.")
+    flags.DEFINE_list("classes", list(CLASSES), "Fault classes to run.")
+    flags.DEFINE_integer("trial_timeout_s", 240, "Hard limit of one child run.")
+    flags.DEFINE_integer("parallel", 1, "Kill trials run at the same time.")
+    flags.DEFINE_string("kills_json", None,
+                        "Take the kill campaign's rows from this faults.json of an "
+                        "earlier run (of --classes=kills) instead of running it.")
+    # Internal: the training command that the kill campaign runs and kills.
+    flags.DEFINE_enum("worker", None, list(SCENARIOS), "Run one training command.")
+    flags.DEFINE_integer("member_index", None, "DST worker: train this member only.")
 
 
 def validate_flags():
     problems = []
     if FLAGS.kill_trials < 0:
         problems.append(f"--kill_trials must be >= 0. Received: {FLAGS.kill_trials}")
+    if FLAGS.parallel < 1:
+        problems.append(f"--parallel must be >= 1. Received: {FLAGS.parallel}")
     if FLAGS.trial_timeout_s < 10:
         problems.append(
             f"--trial_timeout_s must be >= 10. Received: {FLAGS.trial_timeout_s}")
@@ -273,7 +284,13 @@ def run_worker(scenario, work_dir, member_index=None):
         data = tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH)
 
         def callbacks(index):
-            return [kft.BackupAndRestore(str(work_dir / "backup" / f"member_{index}"))]
+            backup = kft.BackupAndRestore(str(work_dir / "backup" / f"member_{index}"))
+
+            class Restored(keras.callbacks.Callback):
+                def on_train_begin(self, logs=None):
+                    _event("restored", backup.restored_from)
+
+            return [backup, Restored()]
 
         kft.train_dst_ensemble(
             _mlp, data, sparsity=0.8, member_dir=members_dir,
@@ -401,7 +418,8 @@ def snapshot(work_dir):
         name = path.name
         if ".tmp" in name or ".old-" in name or name.startswith(".candidate"):
             leftovers.append(str(path.relative_to(work_dir)))
-    if (work_dir / "backup").exists():
+    if (work_dir / "backup").exists() and any(
+            p.is_file() for p in (work_dir / "backup").rglob("*")):
         leftovers.append("backup/ (not deleted at the end of fit)")
     if (work_dir / "export").exists():
         extra = [p.name for p in (work_dir / "export").iterdir() if p.name != "1"]
@@ -507,7 +525,8 @@ def kill_trial(plan, root, references, timeout_s):
         return record
     runs = _runs(read_events(folder))
     record["resumed_from"] = next(
-        (e[1] for e in runs[-1] if e[0] == "restored"), None) if len(runs) > 1 else None
+        (e[1] for e in runs[-1] if e[0] == "restored" and e[1] != "None"),
+        None) if len(runs) > 1 else None
     snap = snapshot(folder)
     ref = references[scenario]
     record["members_equal"] = snap["members"] == ref["snapshot"]["members"]
@@ -523,13 +542,19 @@ def kill_trial(plan, root, references, timeout_s):
     return record
 
 
-def kill_campaign(root, trials, seed, timeout_s=240, scenarios=SCENARIOS):
-    """Runs `trials` kill trials; returns (rows, records)."""
+def kill_campaign(root, trials, seed, timeout_s=240, scenarios=SCENARIOS, parallel=1):
+    """Runs `trials` kill trials (`parallel` at a time, each in its own
+    folder); returns (rows, records)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     root = pathlib.Path(root)
-    references = {s: reference(s, root, timeout_s) for s in scenarios}
-    plans = [p for p in plan_trials(trials, seed, references)
-             if p["scenario"] in scenarios]
-    records = [kill_trial(p, root, references, timeout_s) for p in plans]
+    with ThreadPoolExecutor(max(1, parallel)) as pool:
+        references = dict(zip(scenarios, pool.map(
+            lambda s: reference(s, root, timeout_s), scenarios)))
+        plans = [p for p in plan_trials(trials, seed, references)
+                 if p["scenario"] in scenarios]
+        records = list(pool.map(
+            lambda p: kill_trial(p, root, references, timeout_s), plans))
     rows = []
     for scenario in scenarios:
         for target in ("time",) + WINDOWS:
@@ -1140,7 +1165,8 @@ def storage_faults(tmp):
     probe = np.random.default_rng(0).normal(size=(4, 8)).astype("float32")
 
     def row(fault, record):
-        records.append(dict(fault=fault, **record))
+        records.append(dict(fault=fault, ok=record["intact"] and not record["leftovers"],
+                            **record))
         rows.append(dict(fault_class="storage", fault=fault, trials=1,
                          outcome=record["outcome"],
                          lost=0 if record["intact"] else 1,
@@ -1253,6 +1279,413 @@ def storage_faults(tmp):
     return rows, records
 
 
+
+# =========================================================================
+# Concurrency.
+# =========================================================================
+def reader_during_rewrites(tmp, rewrites=30):
+    """A thread rewrites member 1 again and again (two different models, in
+    turn) while this thread reads the folder: every read must see complete
+    members, each equal to one of the two models."""
+    import threading
+
+    import numpy as np
+
+    from keras_freetickets import members as members_lib
+
+    folder = pathlib.Path(tmp) / "rewrites"
+    models = [_small(seed=0), _small(seed=1)]
+    members_lib.save_member(models[0], members_lib.member_path(folder, 0), overwrite=True)
+    members_lib.save_member(models[0], members_lib.member_path(folder, 1), overwrite=True)
+    expected = [[np.asarray(w) for w in m.get_weights()] for m in models]
+    done = threading.Event()
+
+    def writer():
+        try:
+            for i in range(rewrites):
+                members_lib.save_member(models[i % 2], members_lib.member_path(folder, 1),
+                                        overwrite=True)
+        finally:
+            done.set()
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    reads = torn = errors = 0
+    messages = set()
+    while not done.is_set() or reads == 0:
+        try:
+            for path in members_lib.list_members(folder):
+                arrays = list(members_lib.read_member_weights(path).values())
+                if not any(len(arrays) == len(e) and all(
+                        np.array_equal(a, b) for a, b in zip(arrays, e)) for e in expected):
+                    torn += 1
+            reads += 1
+        except Exception as e:  # noqa: BLE001
+            errors += 1
+            messages.add(f"{type(e).__name__}: {e}"[:200])
+    thread.join()
+    leftovers = _leftovers(folder)
+    return dict(reads=reads, torn=torn, errors=errors, messages=sorted(messages),
+                rewrites=rewrites, leftovers=leftovers,
+                ok=reads > 0 and torn == 0 and errors == 0 and not leftovers)
+
+
+def dst_workers_into_one_folder(root, reference_members=None, timeout_s=300):
+    """Three processes train the three DST members into one folder (one
+    `member_index` each) while this process polls the folder."""
+    from keras_freetickets import members as members_lib
+
+    work_dir = pathlib.Path(root) / "dst_workers"
+    args = [[sys.executable, str(pathlib.Path(__file__).resolve()), "--worker=dst",
+             f"--work_dir={work_dir}", f"--member_index={i}"]
+            for i in range(DST["num_members"])]
+    procs = [subprocess.Popen(a, env=child_env(), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, cwd=str(REPO)) for a in args]
+    polls, outcomes = 0, {}
+    deadline = time.monotonic() + timeout_s
+    while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+        polls += 1
+        try:
+            paths = members_lib.list_members(work_dir / "members")
+            for path in paths:
+                members_lib.read_member_weights(path)
+            key = f"complete members {len(paths)}"
+        except FileNotFoundError:
+            key = "no folder yet"
+        except ValueError as e:
+            text = str(e)
+            key = ("waiting for member " + text.split("waiting for member ")[1].split(" ")[0]
+                   if "waiting for member" in text else text.split(" (")[0][:60])
+            key = "No members found" if text.startswith("No members found") else key
+        except Exception as e:  # noqa: BLE001 -- a torn read would land here
+            key = f"UNEXPECTED {type(e).__name__}: {e}"[:120]
+        outcomes[key] = outcomes.get(key, 0) + 1
+        time.sleep(0.2)
+    codes = []
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        codes.append(proc.returncode)
+    snap = snapshot(work_dir)
+    equal = (reference_members is None
+             or snap["members"] == reference_members)
+    unexpected = [k for k in outcomes if k.startswith("UNEXPECTED")]
+    return dict(returncodes=codes, polls=polls, outcomes=outcomes,
+                members=sorted(snap["members"]),
+                equal_to_single_process=equal if reference_members else None,
+                leftovers=[x for x in snap["leftovers"] if not x.startswith("backup")],
+                ok=codes == [0] * len(codes) and not unexpected and equal
+                and sorted(snap["members"]) == [f"member_{i}.kftm"
+                                                for i in range(DST["num_members"])])
+
+
+def concurrency_faults(tmp, root=None, reference_members=None, processes=True):
+    from keras_freetickets import members as members_lib
+
+    rows, records = [], []
+    result = reader_during_rewrites(tmp)
+    records.append(dict(fault="reader while member 1 is rewritten", **result))
+    rows.append(dict(
+        fault_class="concurrency",
+        fault="reader loads the member folder while a writer rewrites member 1",
+        trials=result["reads"],
+        outcome=(f"{result['reads']} reads during {result['rewrites']} rewrites: "
+                 f"{result['torn']} torn, {result['errors']} errors"),
+        lost=result["torn"] + result["errors"], half_written=len(result["leftovers"])))
+    folder = pathlib.Path(tmp) / "writing"
+    for i in (0, 2):
+        members_lib.save_member(_small(), members_lib.member_path(folder, i), overwrite=True)
+    (folder / ".member_1.kftm.5f3a.tmp").write_bytes(b"PK\x03\x04")
+    record = check_error(lambda: members_lib.list_members(folder),
+                         ["waiting for member 1", "being written"])
+    records.append(dict(fault="reader while member 1 is being written", **record))
+    rows.append(dict(
+        fault_class="concurrency",
+        fault="ensemble loaded while member 1 is being written (members 0 and 2 there)",
+        trials=1, outcome=f"{record['error']}: {record['message'][:140]}",
+        lost=0 if record["ok"] else 1, half_written=0))
+    if processes:
+        result = dst_workers_into_one_folder(root or tmp, reference_members)
+        records.append(dict(fault="three DST worker processes, one folder", **result))
+        rows.append(dict(
+            fault_class="concurrency",
+            fault="3 processes write the members of one DST ensemble into one folder "
+                  "(member_index 0, 1, 2) while a reader polls it",
+            trials=result["polls"],
+            outcome=(f"exit codes {result['returncodes']}; reader saw "
+                     + ", ".join(f"{k}: {v}" for k, v in sorted(result["outcomes"].items()))
+                     + f"; members equal to a single-process run: "
+                       f"{result['equal_to_single_process']}"),
+            lost=0 if result["ok"] else 1, half_written=len(result["leftovers"])))
+    return rows, records
+
+
+# =========================================================================
+# Serving inputs.
+# =========================================================================
+SERVING_SCRIPT = r"""
+import json, sys
+import numpy as np
+import tensorflow as tf
+
+path, features = sys.argv[1], int(sys.argv[2])
+loaded = tf.saved_model.load(path)
+serve = loaded.signatures["serving_default"]
+members = loaded.signatures["members"]
+rng = np.random.default_rng(0)
+good = rng.normal(size=(5, features)).astype("float32")
+reference = serve(inputs=tf.constant(good))["probabilities"].numpy()
+nan_rows = good.copy(); nan_rows[1, 0] = np.nan; nan_rows[3, :] = np.inf
+large = np.tile(good, (40000, 1))
+cases = {
+    "float64 tensor": lambda: serve(inputs=tf.constant(good, tf.float64)),
+    "int32 tensor": lambda: serve(inputs=tf.constant(good.astype("int32"))),
+    "string tensor": lambda: serve(inputs=tf.constant([["a"] * features])),
+    "rank 1 (one example without batch axis)": lambda: serve(inputs=tf.constant(good[0])),
+    "rank 3": lambda: serve(inputs=tf.constant(good[:, :, None])),
+    "wrong width": lambda: serve(inputs=tf.constant(good[:, :-1])),
+    "wrong width (members signature)": lambda: members(inputs=tf.constant(good[:, :-1])),
+    "scalar": lambda: serve(inputs=tf.constant(1.0)),
+    "batch 0": lambda: serve(inputs=tf.zeros([0, features])),
+    "NaN and Inf values in two rows": lambda: serve(inputs=tf.constant(nan_rows)),
+    "very large batch (200000 rows)": lambda: serve(inputs=tf.constant(large)),
+}
+results = {}
+for name, call in cases.items():
+    try:
+        out = call()
+        probs = out["probabilities"].numpy()
+        info = dict(outcome="served", shape=list(probs.shape))
+        if name.startswith("NaN"):
+            clean = [0, 2, 4]
+            info["clean_rows_equal"] = bool(np.array_equal(probs[clean], reference[clean]))
+            info["bad_rows"] = ("NaN" if np.isnan(probs[[1, 3]]).all() else
+                                "finite" if np.isfinite(probs[[1, 3]]).all() else "mixed")
+        if name.startswith("very large"):
+            info["max_diff"] = float(np.abs(probs[:5] - reference).max())
+            info["rows_equal"] = bool(np.allclose(probs.reshape(40000, 5, -1),
+                                                  reference[None], atol=1e-6))
+    except Exception as e:
+        lines = [l for l in str(e).strip().splitlines() if l.strip()] or [""]
+        line = next((l for l in lines if "inputs must have shape" in l), lines[0])
+        info = dict(outcome="rejected", error=type(e).__name__, message=line.strip()[:240])
+    results[name] = info
+after = serve(inputs=tf.constant(good))["probabilities"].numpy()
+print(json.dumps(dict(
+    results=results, alive_after=bool(np.array_equal(after, reference)),
+    keras_freetickets_imported="keras_freetickets" in sys.modules)))
+"""
+
+EXPECTED_SERVING = {
+    "float64 tensor": "rejected", "int32 tensor": "rejected", "string tensor": "rejected",
+    "rank 1 (one example without batch axis)": "rejected", "rank 3": "rejected",
+    "wrong width": "rejected", "wrong width (members signature)": "rejected",
+    "scalar": "rejected", "batch 0": "served",
+    "NaN and Inf values in two rows": "served",
+    "very large batch (200000 rows)": "served",
+}
+
+
+def export_tiny(folder):
+    import keras_freetickets as kft
+
+    ensemble = kft.FreeTicketsEnsemble([_small(seed=0), _small(seed=1)])
+    return ensemble.export(str(folder), overwrite=True)
+
+
+def serving_faults(tmp, cli=True, timeout_s=300):
+    tmp = pathlib.Path(tmp)
+    path = export_tiny(tmp / "serving" / "1")
+    env = child_env(threads=2)
+    env["PYTHONPATH"] = ""  # this process must not find keras_freetickets
+    proc = subprocess.run([sys.executable, "-c", SERVING_SCRIPT, path, "8"],
+                          env=env, capture_output=True, text=True,
+                          timeout=timeout_s, cwd="/")
+    rows, records = [], []
+    if proc.returncode != 0:
+        rows.append(dict(fault_class="serving", fault="fresh serving process",
+                         trials=1, outcome=f"crashed: {proc.stderr[-300:]}",
+                         lost=1, half_written=0))
+        return rows, [dict(fault="fresh process", stderr=proc.stderr[-3000:], ok=False)]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    for name, info in report["results"].items():
+        ok = info["outcome"] == EXPECTED_SERVING[name] and report["alive_after"]
+        if info["outcome"] == "rejected":
+            ok &= info["error"] in ("InvalidArgumentError", "TypeError", "ValueError")
+            if "rank" in name or "width" in name or name == "scalar":
+                ok &= "inputs must have shape" in info["message"]
+        if name.startswith("NaN"):
+            ok &= info["clean_rows_equal"]
+        if name.startswith("very large"):
+            ok &= info["rows_equal"]
+        records.append(dict(fault=name, ok=bool(ok), **info))
+        detail = (f"rejected, {info['error']}: {info['message'][:150]}"
+                  if info["outcome"] == "rejected" else
+                  f"served, shape {info['shape']}" + (
+                      f"; the other rows bit-identical to a clean batch: "
+                      f"{info['clean_rows_equal']}; the NaN/Inf rows' outputs: "
+                      f"{info['bad_rows']}" if name.startswith("NaN")
+                      else "") + (f"; max diff to batch 5: {info['max_diff']:.1e}"
+                                  if name.startswith("very large") else ""))
+        rows.append(dict(fault_class="serving",
+                         fault=f"request with {name} (fresh process, no keras_freetickets)",
+                         trials=1, outcome=detail + (
+                             "; process served the next good request" if report["alive_after"]
+                             else "; PROCESS BROKEN"),
+                         lost=0 if ok else 1, half_written=0))
+    records.append(dict(fault="imports", ok=not report["keras_freetickets_imported"],
+                        keras_freetickets_imported=report["keras_freetickets_imported"]))
+    cli_path = pathlib.Path(sys.executable).parent / "saved_model_cli"
+    if cli and cli_path.exists():
+        import numpy as np
+
+        for name, shape, expect in (
+                ("good request", (2, 8), 0),
+                ("wrong width", (2, 7), 1),
+                ("rank 3", (2, 8, 1), 1)):
+            expr = f"inputs=<float32 npy of shape {shape}>"
+            npy = tmp / f"request_{len(shape)}_{shape[1]}.npy"
+            np.save(npy, np.zeros(shape, np.float32))
+            run = subprocess.run(
+                [str(cli_path), "run", "--dir", path, "--tag_set", "serve",
+                 "--signature_def", "serving_default", "--inputs", f"inputs={npy}"],
+                env=env, capture_output=True, text=True, timeout=timeout_s, cwd="/")
+            text = run.stdout + run.stderr
+            if expect == 0:
+                ok = run.returncode == 0 and "probabilities" in text
+                detail = f"exit 0, outputs printed: {ok}"
+            else:
+                ok = run.returncode not in (0,) and run.returncode > 0 and (
+                    "inputs must have shape" in text)
+                line = next((l for l in text.splitlines() if "inputs must have shape" in l), "")
+                detail = f"exit {run.returncode}: {line.strip()[:150]}"
+            records.append(dict(fault=f"saved_model_cli {name}", ok=ok,
+                                returncode=run.returncode))
+            rows.append(dict(fault_class="serving",
+                             fault=f"saved_model_cli run, {name} ({expr})",
+                             trials=1, outcome=detail, lost=0 if ok else 1,
+                             half_written=0))
+    return rows, records
+
+
+
+# =========================================================================
+# The campaign and its report.
+# =========================================================================
+def _versions():
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    import keras_freetickets as kft
+
+    return dict(python=platform.python_version(), tensorflow=tf.__version__,
+                keras=keras.__version__, numpy=np.__version__,
+                keras_freetickets=kft.__version__)
+
+
+def summary_counts(rows):
+    """Per fault class: rows, trials, rows with something lost or left."""
+    counts = {}
+    for row in rows:
+        c = counts.setdefault(row["fault_class"], dict(faults=0, trials=0, lost=0,
+                                                        half_written=0))
+        c["faults"] += 1
+        c["trials"] += row["trials"]
+        c["lost"] += int(row["lost"] > 0)
+        c["half_written"] += int(row["half_written"] > 0)
+    return counts
+
+
+def write_report(out_dir, rows, details, settings, seconds):
+    out_dir = pathlib.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    counts = summary_counts(rows)
+    record = dict(
+        benchmark="faults", date=datetime.datetime.now(datetime.timezone.utc).isoformat(
+            timespec="seconds"),
+        machine=platform.machine(), cpu_count=os.cpu_count(), versions=_versions(),
+        command="python benchmarks/faults.py " + " ".join(sys.argv[1:]),
+        settings=settings, wall_seconds=round(seconds, 1), summary=counts,
+        rows=rows, details=details)
+    (out_dir / "faults.json").write_text(json.dumps(record, indent=1, default=str))
+    lines = [
+        "# Fault matrix (`benchmarks/faults.py`)", "",
+        f"Run {record['date']} on {record['cpu_count']} CPUs, "
+        f"TF {record['versions']['tensorflow']}, Keras {record['versions']['keras']}; "
+        f"{seconds / 60:.1f} min. Command: `{record['command'].strip()}`.", "",
+        "Lost = rows where a member, an export, a checkpoint or a served answer came "
+        "out wrong or missing, or an error was not clear; left = rows that left a "
+        "temporary or partial file behind.", "",
+        "| fault class | faults | trials | rows with something lost | rows that left files |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, c in counts.items():
+        lines.append(f"| {name} | {c['faults']} | {c['trials']} | {c['lost']} | "
+                     f"{c['half_written']} |")
+    lines += ["", "| class | fault | trials | outcome | lost | left |",
+              "|---|---|---:|---|---:|---:|"]
+    for row in rows:
+        outcome = str(row["outcome"]).replace("|", "/").replace("\n", " ")
+        lines.append(f"| {row['fault_class']} | {row['fault']} | {row['trials']} | "
+                     f"{outcome} | {row['lost']} | {row['half_written']} |")
+    (out_dir / "faults.md").write_text("\n".join(lines) + "\n")
+    return record
+
+
+def run_campaign():
+    import shutil
+    import tempfile
+
+    start = time.monotonic()
+    work = pathlib.Path(FLAGS.work_dir or tempfile.mkdtemp(prefix="kft_faults_"))
+    work.mkdir(parents=True, exist_ok=True)
+    os.environ.update(TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
+    rows, details = [], {}
+    reference_members = None
+    if FLAGS.kills_json:
+        earlier = json.loads(pathlib.Path(FLAGS.kills_json).read_text())
+        rows += [r for r in earlier["rows"] if r["fault_class"] == "kill"]
+        details["kills"] = earlier["details"]["kills"]
+        details["kills"]["from"] = dict(command=earlier["command"], date=earlier["date"],
+                                        wall_seconds=earlier["wall_seconds"])
+        reference_members = details["kills"]["references"].get("dst", {}).get("members")
+    elif "kills" in FLAGS.classes and FLAGS.kill_trials:
+        kill_rows, info = kill_campaign(work / "kills", FLAGS.kill_trials, FLAGS.seed,
+                                        FLAGS.trial_timeout_s, parallel=FLAGS.parallel)
+        rows += kill_rows
+        details["kills"] = info
+        reference_members = info["references"].get("dst", {}).get("members")
+        print(f"kills: {len(info['trials'])} trials", flush=True)
+    steps = (("inputs", lambda: inputs_faults(work / "inputs")),
+             ("numeric", lambda: numeric_faults(work / "numeric")),
+             ("storage", lambda: storage_faults(work / "storage")),
+             ("concurrency", lambda: concurrency_faults(
+                 work / "concurrency", reference_members=reference_members)),
+             ("serving", lambda: serving_faults(work / "serving")))
+    for name, step in steps:
+        if name in FLAGS.classes:
+            (work / name).mkdir(parents=True, exist_ok=True)
+            class_rows, records = step()
+            rows += class_rows
+            details[name] = records
+            print(f"{name}: {len(class_rows)} rows, "
+                  f"{sum(r['lost'] > 0 for r in class_rows)} with something lost",
+                  flush=True)
+    settings = dict(kill_trials=FLAGS.kill_trials, seed=FLAGS.seed,
+                    parallel=FLAGS.parallel,
+                    classes=FLAGS.classes, edst=EDST, dst=DST,
+                    model=f"MLP {FEATURES}-{HIDDEN}-{CLASSES_N}",
+                    examples=EXAMPLES, batch=BATCH, update_interval=UPDATE_INTERVAL)
+    record = write_report(FLAGS.out_dir, rows, details, settings,
+                          time.monotonic() - start)
+    print(json.dumps(record["summary"], indent=1))
+    if not FLAGS.work_dir:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def main(argv):
     del argv
     validate_flags()
@@ -1263,4 +1696,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
