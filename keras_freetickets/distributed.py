@@ -156,7 +156,7 @@ def worker_backup_dir(base, tf_config=None):
     Example:
 
     ```python
-    backup = keras.callbacks.BackupAndRestore(
+    backup = kft.BackupAndRestore(
         kft.distributed.worker_backup_dir("/tmp/run1/backup"))
     ```
     """

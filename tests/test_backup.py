@@ -218,9 +218,17 @@ def test_non_finite_loss_keeps_the_last_finite_backup(two_states):
     model, folder, first, _ = two_states
     callback = kft.BackupAndRestore(folder)
     callback.set_model(model)
+    callback.on_train_begin()
     callback.on_epoch_end(1, {"loss": float("nan")})
+    callback.on_train_end()  # TerminateOnNaN ends fit "normally"
+    assert os.path.isdir(folder)  # kept, to resume after fixing the data
     restored, epoch = restore(folder)
     assert epoch == 1 and same(restored, first)
+    # A run that ends on finite losses deletes it as usual.
+    callback.on_train_begin()
+    callback.on_epoch_end(1, {"loss": 0.5})
+    callback.on_train_end()
+    assert not os.path.exists(folder)
 
 
 def test_storage_fault_in_a_backup_names_it_and_keeps_the_old(two_states,
