@@ -52,6 +52,8 @@ from absl import flags
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CLASSES = ("kills", "inputs", "numeric", "storage", "concurrency", "serving")
 SCENARIOS = ("edst", "dst")
+ROW_CLASS = {"kills": "kill", "inputs": "malformed input", "numeric": "numeric",
+             "storage": "storage", "concurrency": "concurrency", "serving": "serving"}
 
 FLAGS = flags.FLAGS
 
@@ -68,9 +70,14 @@ def define_flags():
     flags.DEFINE_list("classes", list(CLASSES), "Fault classes to run.")
     flags.DEFINE_integer("trial_timeout_s", 240, "Hard limit of one child run.")
     flags.DEFINE_integer("parallel", 1, "Kill trials run at the same time.")
-    flags.DEFINE_string("kills_json", None,
-                        "Take the kill campaign's rows from this faults.json of an "
-                        "earlier run (of --classes=kills) instead of running it.")
+    flags.DEFINE_list("merge_json", [],
+                      "faults.json files of earlier runs: their fault classes are "
+                      "taken from them instead of being run again (to run the "
+                      "slow kill campaign apart from the other classes).")
+    flags.DEFINE_string("dst_reference", None,
+                        "Members folder of an uninterrupted DST run, compared with "
+                        "the members that worker processes write (default: the "
+                        "kill campaign's).")
     # Internal: the training command that the kill campaign runs and kills.
     flags.DEFINE_enum("worker", None, list(SCENARIOS), "Run one training command.")
     flags.DEFINE_integer("member_index", None, "DST worker: train this member only.")
@@ -1156,6 +1163,7 @@ def storage_faults(tmp):
     import tensorflow as tf
 
     import keras_freetickets as kft
+    from keras_freetickets import export as export_lib
     from keras_freetickets import members as members_lib
 
     tmp = pathlib.Path(tmp) / "storage"
@@ -1215,7 +1223,7 @@ def storage_faults(tmp):
     old_hash = _tree_hash(old_export)
 
     def export_case(fault, overwrite_existing, patch_obj, patch_name, n, errno_,
-                    before=True, tf_error=False):
+                    before=True, tf_error=False, no_exchange=False):
         path = old_export if overwrite_existing else tmp / "serving" / "2"
         real = getattr(patch_obj, patch_name)
         fail = _FailAfter(real, n, errno_, before).as_function()
@@ -1224,7 +1232,12 @@ def storage_faults(tmp):
                 real(*args, **kwargs)
                 raise tf.errors.ResourceExhaustedError(
                     None, None, "variables.data: No space left on device")
-        with _Patched(patch_obj, patch_name, fail):
+        import contextlib
+
+        with contextlib.ExitStack() as stack:
+            if no_exchange:  # a file system without renameat2's exchange
+                stack.enter_context(_Patched(export_lib, "_exchange", lambda a, b: False))
+            stack.enter_context(_Patched(patch_obj, patch_name, fail))
             try:
                 ensemble.export(str(path), overwrite=overwrite_existing)
                 error = None
@@ -1251,10 +1264,12 @@ def storage_faults(tmp):
                 False, tf.saved_model, "save", 1, errno.ENOSPC, tf_error=True)
     export_case("ENOSPC midway through overwriting an export", True,
                 tf.saved_model, "save", 1, errno.ENOSPC, before=False)
-    export_case("EIO moving the old export aside (overwrite)", True,
-                os, "rename", 1, errno.EIO)
-    export_case("EIO renaming the new export into place (overwrite)", True,
-                os, "rename", 2, errno.EIO)
+    export_case("EIO on the atomic swap of the new and the old export (overwrite)",
+                True, export_lib, "_exchange", 1, errno.EIO)
+    export_case("EIO moving the old export aside (overwrite, two-rename fallback)",
+                True, os, "rename", 1, errno.EIO, no_exchange=True)
+    export_case("EIO renaming the new export into place (overwrite, two-rename "
+                "fallback)", True, os, "rename", 2, errno.EIO, no_exchange=True)
 
     from keras_freetickets import backup as backup_lib
 
@@ -1645,19 +1660,29 @@ def run_campaign():
     os.environ.update(TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
     rows, details = [], {}
     reference_members = None
-    if FLAGS.kills_json:
-        earlier = json.loads(pathlib.Path(FLAGS.kills_json).read_text())
-        rows += [r for r in earlier["rows"] if r["fault_class"] == "kill"]
-        details["kills"] = earlier["details"]["kills"]
-        details["kills"]["from"] = dict(command=earlier["command"], date=earlier["date"],
-                                        wall_seconds=earlier["wall_seconds"])
-        reference_members = details["kills"]["references"].get("dst", {}).get("members")
+    merged = {}
+    for path in FLAGS.merge_json:
+        earlier = json.loads(pathlib.Path(path).read_text())
+        for name in earlier["details"]:
+            if name in FLAGS.classes and name not in merged:
+                merged[name] = dict(
+                    rows=[r for r in earlier["rows"] if r["fault_class"] == ROW_CLASS[name]],
+                    details=earlier["details"][name],
+                    source=dict(file=str(path), command=earlier["command"],
+                                date=earlier["date"], wall_seconds=earlier["wall_seconds"]))
+    if FLAGS.dst_reference:
+        folder = pathlib.Path(FLAGS.dst_reference)
+        reference_members = {p.name: sha256(p) for p in sorted(folder.glob("member_*.kftm"))}
+    if "kills" in merged:
+        rows += merged["kills"]["rows"]
+        details["kills"] = merged["kills"]["details"]
     elif "kills" in FLAGS.classes and FLAGS.kill_trials:
         kill_rows, info = kill_campaign(work / "kills", FLAGS.kill_trials, FLAGS.seed,
                                         FLAGS.trial_timeout_s, parallel=FLAGS.parallel)
         rows += kill_rows
         details["kills"] = info
-        reference_members = info["references"].get("dst", {}).get("members")
+        reference_members = reference_members or info["references"].get(
+            "dst", {}).get("members")
         print(f"kills: {len(info['trials'])} trials", flush=True)
     steps = (("inputs", lambda: inputs_faults(work / "inputs")),
              ("numeric", lambda: numeric_faults(work / "numeric")),
@@ -1666,7 +1691,10 @@ def run_campaign():
                  work / "concurrency", reference_members=reference_members)),
              ("serving", lambda: serving_faults(work / "serving")))
     for name, step in steps:
-        if name in FLAGS.classes:
+        if name in merged:
+            rows += merged[name]["rows"]
+            details[name] = merged[name]["details"]
+        elif name in FLAGS.classes:
             (work / name).mkdir(parents=True, exist_ok=True)
             class_rows, records = step()
             rows += class_rows
@@ -1674,7 +1702,8 @@ def run_campaign():
             print(f"{name}: {len(class_rows)} rows, "
                   f"{sum(r['lost'] > 0 for r in class_rows)} with something lost",
                   flush=True)
-    settings = dict(kill_trials=FLAGS.kill_trials, seed=FLAGS.seed,
+    settings = dict(merged_from={k: v["source"] for k, v in merged.items()},
+                    kill_trials=FLAGS.kill_trials, seed=FLAGS.seed,
                     parallel=FLAGS.parallel,
                     classes=FLAGS.classes, edst=EDST, dst=DST,
                     model=f"MLP {FEATURES}-{HIDDEN}-{CLASSES_N}",

@@ -61,7 +61,10 @@ signature function are converted to float32 first.
 Writes are atomic: the SavedModel is written to a temporary folder beside
 `path` (a hidden, non-numeric name, which TF Serving's version scanner
 ignores) and renamed to `path` once complete; a failure removes it and leaves
-no partial version folder. TF Serving loads `<base>/<model_name>/<version>/`
+no partial version folder. An overwrite swaps the new folder with the old
+one in one atomic step (`renameat2(RENAME_EXCHANGE)`; two renames where the
+file system cannot), and the next export to the same path removes what a
+killed export left behind. TF Serving loads `<base>/<model_name>/<version>/`
 with an integer version; another final path component gets a warning.
 """
 
@@ -595,6 +598,7 @@ def _write_atomically(archive, path, overwrite, verbose):
     stage = "creating the temporary folder"
     try:
         os.makedirs(parent, exist_ok=True)
+        _recover_killed_export(parent, name)
         tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
         # mkdtemp makes the folder private (0700); a server running as
         # another user must be able to read it.
@@ -611,6 +615,12 @@ def _write_atomically(archive, path, overwrite, verbose):
                     f"{path} was created while exporting; pass `overwrite=True` "
                     "to replace it."
                 )
+            stage = "swapping the new export into place"
+            if _exchange(tmp, path):
+                # One atomic step: `path` is the new export, `tmp` the old.
+                _fsync_dir(parent)
+                shutil.rmtree(tmp, ignore_errors=True)
+                return
             stage = "moving the old export aside"
             old = os.path.join(parent, f".{name}.old-{uuid.uuid4().hex}")
             os.rename(path, old)
@@ -651,6 +661,52 @@ def _write_atomically(archive, path, overwrite, verbose):
                 f"not be deleted: remove {old} by hand.",
                 stacklevel=3,
             )
+
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+def _exchange(a, b):
+    """Swaps two paths atomically (Linux `renameat2(RENAME_EXCHANGE)`).
+
+    Returns False where the system or the file system cannot (the caller
+    then renames in two steps); raises OSError for any other failure.
+    """
+    import ctypes
+    import errno
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int,
+                          ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b),
+                 _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EPERM):
+        return False
+    raise OSError(err, os.strerror(err), b)
+
+
+def _recover_killed_export(parent, name):
+    """Cleans up after an export to `parent/name` that was killed: removes
+    its temporary folders, and puts back the old export if the kill came
+    between moving it aside and renaming the new one into place (the
+    two-step fallback of `_exchange`). One export to a path at a time."""
+    path = os.path.join(parent, name)
+    for entry in sorted(os.listdir(parent)):
+        full = os.path.join(parent, entry)
+        if entry.startswith(f".{name}.old-"):
+            if not os.path.lexists(path):
+                os.rename(full, path)
+            else:
+                shutil.rmtree(full, ignore_errors=True)
+        elif entry.startswith(f".{name}.tmp-"):
+            shutil.rmtree(full, ignore_errors=True)
 
 
 def _fsync_tree(root):

@@ -34,7 +34,9 @@ dtypes are checked on load. Layer assets (lookup tables) are not stored.
 
 A file is written to a temporary file in the destination folder, flushed to
 disk and moved into place with `os.replace`, so a crash never leaves a
-partial file at the destination. Members of an ensemble are named
+partial file at the destination; the temporary file of a killed write is
+removed by the next write of the same member. Entries carry a fixed
+timestamp, so the same model and metadata give the same bytes. Members of an ensemble are named
 `member_<index>.kftm` (`member_path`, `list_members`).
 """
 
@@ -150,6 +152,7 @@ def save_member(model, path, metadata=None, overwrite=False):
     )
     try:
         os.makedirs(folder, exist_ok=True)
+        _remove_stale_temporaries(folder, os.path.basename(path))
         fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         with os.fdopen(fd, "wb") as f:
             with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_DEFLATED) as zf:
@@ -175,6 +178,18 @@ def save_member(model, path, metadata=None, overwrite=False):
             ) from e
         raise
     return path
+
+
+def _remove_stale_temporaries(folder, name):
+    """Removes the temporary files that a killed write of `name` left (one
+    writer per member file at a time, so none of them is in use)."""
+    prefix = f".{name}."
+    for entry in os.listdir(folder):
+        if entry.startswith(prefix) and entry.endswith(".tmp"):
+            try:
+                os.remove(os.path.join(folder, entry))
+            except OSError:
+                pass
 
 
 # Entries carry a fixed timestamp, so that the same model and metadata give
