@@ -137,3 +137,35 @@ def test_aimed_kills_resume_bit_for_bit(tmp_path):
         assert record["members_equal"] and record["export_outputs_equal"], record
         assert record["export_files_equal"], record
         assert record["leftovers"] == [], record
+
+
+def test_next_write_removes_what_a_killed_write_left(tmp_path):
+    """A SIGKILL inside a member save or an export leaves a temporary file
+    or folder; the next write of the same path removes it (the kill
+    campaign found these left over)."""
+    import os
+
+    from keras_freetickets import export as export_lib
+    from keras_freetickets import members as members_lib
+
+    model = faults._small()
+    path = members_lib.member_path(tmp_path / "members", 0)
+    os.makedirs(tmp_path / "members")
+    stale = tmp_path / "members" / ".member_0.kftm.0badc0de.tmp"
+    stale.write_bytes(b"PK\x03")
+    other = tmp_path / "members" / ".member_1.kftm.0badc0de.tmp"
+    other.write_bytes(b"PK\x03")
+    members_lib.save_member(model, path)
+    assert not stale.exists()
+    assert other.exists()  # another member's write is left alone
+
+    export = tmp_path / "serving" / "1"
+    os.makedirs(tmp_path / "serving" / ".1.tmp-killed" / "variables")
+    faults.export_tiny(export)
+    assert sorted(os.listdir(tmp_path / "serving")) == ["1"]
+    # Killed between the two renames of the fallback overwrite: the old
+    # export is aside and `path` is missing; it is put back first.
+    os.rename(export, tmp_path / "serving" / ".1.old-killed")
+    export_lib._recover_killed_export(str(tmp_path / "serving"), "1")
+    assert sorted(os.listdir(tmp_path / "serving")) == ["1"]
+    assert (export / "saved_model.pb").exists()
