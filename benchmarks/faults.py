@@ -70,6 +70,9 @@ def define_flags():
     flags.DEFINE_list("classes", list(CLASSES), "Fault classes to run.")
     flags.DEFINE_integer("trial_timeout_s", 240, "Hard limit of one child run.")
     flags.DEFINE_integer("parallel", 1, "Kill trials run at the same time.")
+    flags.DEFINE_float("deadline_s", None,
+                       "Start no kill trial after this many seconds (the report "
+                       "counts the trials that ran).")
     flags.DEFINE_list("merge_json", [],
                       "faults.json files of earlier runs: their fault classes are "
                       "taken from them instead of being run again (to run the "
@@ -467,10 +470,18 @@ def same_outputs(a, b):
 
 def reference(scenario, root, timeout_s):
     folder = pathlib.Path(root) / f"reference_{scenario}"
-    code, seconds, err = _run_child(scenario, folder, timeout_s=timeout_s)
-    if code != 0:
-        raise RuntimeError(f"The uninterrupted {scenario} run failed:\n{err}")
     events = read_events(folder)
+    runs = _runs(events)
+    if len(runs) == 1 and runs[0][-1][0] == "done":
+        seconds = float("nan")  # reused from an earlier, interrupted campaign
+    else:
+        import shutil
+
+        shutil.rmtree(folder, ignore_errors=True)
+        code, seconds, err = _run_child(scenario, folder, timeout_s=timeout_s)
+        if code != 0:
+            raise RuntimeError(f"The uninterrupted {scenario} run failed:\n{err}")
+        events = read_events(folder)
     return dict(folder=str(folder), seconds=seconds,
                 profile=window_profile(events), snapshot=snapshot(folder),
                 outputs=export_outputs(folder / "export" / "1"))
@@ -549,19 +560,44 @@ def kill_trial(plan, root, references, timeout_s):
     return record
 
 
-def kill_campaign(root, trials, seed, timeout_s=240, scenarios=SCENARIOS, parallel=1):
+def kill_campaign(root, trials, seed, timeout_s=240, scenarios=SCENARIOS, parallel=1,
+                  deadline_s=None):
     """Runs `trials` kill trials (`parallel` at a time, each in its own
-    folder); returns (rows, records)."""
+    folder); returns (rows, records). Each finished trial is appended to
+    `root/trials.jsonl`, so that a campaign run again with the same
+    arguments and `root` only runs the trials still missing. Trials not
+    started `deadline_s` seconds after the start are left out."""
+    import threading
     from concurrent.futures import ThreadPoolExecutor
 
     root = pathlib.Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    start = time.monotonic()
+    log = root / "trials.jsonl"
+    finished = {}
+    if log.exists():
+        for line in log.read_text().splitlines():
+            record = json.loads(line)
+            finished[(record["trial"], record["scenario"])] = record
+    lock = threading.Lock()
+
+    def run(plan):
+        key = (plan["trial"], plan["scenario"])
+        if key in finished:
+            return finished[key]
+        if deadline_s is not None and time.monotonic() - start > deadline_s:
+            return None
+        record = kill_trial(plan, root, references, timeout_s)
+        with lock, open(log, "a") as f:
+            f.write(json.dumps(record, default=str) + "\n")
+        return record
+
     with ThreadPoolExecutor(max(1, parallel)) as pool:
         references = dict(zip(scenarios, pool.map(
             lambda s: reference(s, root, timeout_s), scenarios)))
         plans = [p for p in plan_trials(trials, seed, references)
                  if p["scenario"] in scenarios]
-        records = list(pool.map(
-            lambda p: kill_trial(p, root, references, timeout_s), plans))
+        records = [r for r in pool.map(run, plans) if r is not None]
     rows = []
     for scenario in scenarios:
         for target in ("time",) + WINDOWS:
@@ -1228,10 +1264,11 @@ def storage_faults(tmp):
         real = getattr(patch_obj, patch_name)
         fail = _FailAfter(real, n, errno_, before).as_function()
         if tf_error:
-            def fail(*args, **kwargs):  # noqa: F811 -- TF's own error type
+            def fail_in_tf(*args, **kwargs):  # TF's own error type
                 real(*args, **kwargs)
                 raise tf.errors.ResourceExhaustedError(
                     None, None, "variables.data: No space left on device")
+            fail = fail_in_tf
         import contextlib
 
         with contextlib.ExitStack() as stack:
@@ -1678,7 +1715,8 @@ def run_campaign():
         details["kills"] = merged["kills"]["details"]
     elif "kills" in FLAGS.classes and FLAGS.kill_trials:
         kill_rows, info = kill_campaign(work / "kills", FLAGS.kill_trials, FLAGS.seed,
-                                        FLAGS.trial_timeout_s, parallel=FLAGS.parallel)
+                                        FLAGS.trial_timeout_s, parallel=FLAGS.parallel,
+                                        deadline_s=FLAGS.deadline_s)
         rows += kill_rows
         details["kills"] = info
         reference_members = reference_members or info["references"].get(
@@ -1704,6 +1742,7 @@ def run_campaign():
                   flush=True)
     settings = dict(merged_from={k: v["source"] for k, v in merged.items()},
                     kill_trials=FLAGS.kill_trials, seed=FLAGS.seed,
+                    deadline_s=FLAGS.deadline_s,
                     parallel=FLAGS.parallel,
                     classes=FLAGS.classes, edst=EDST, dst=DST,
                     model=f"MLP {FEATURES}-{HIDDEN}-{CLASSES_N}",
