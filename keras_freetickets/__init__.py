@@ -12,6 +12,7 @@ TensorFlow are loaded on first use, so that `import keras_freetickets.metrics`
 __version__ = "0.2.0"
 
 _LAZY = {
+    "BackupAndRestore": "keras_freetickets.backup",
     "SparseOptimizer": "keras_freetickets.sparse_optimizer",
     "SparsityMonitor": "keras_freetickets.sparsity_monitor",
     "sparsity_summary": "keras_freetickets.sparsity_monitor",

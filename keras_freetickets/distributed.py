@@ -26,7 +26,6 @@ assembled when every member file is there (`wait_for_members`,
 nothing a TPU rejects (`tpu_compatibility_problems`).
 """
 
-import json
 import os
 import re
 import time
@@ -34,10 +33,10 @@ import types
 
 import keras
 
+from keras_freetickets._tf_config import read_tf_config
 from keras_freetickets._validation import check_int
 
 STRATEGY_NAMES = ("default", "one_device", "mirrored", "multi_worker", "tpu")
-TF_CONFIG_ENV = "TF_CONFIG"
 _PATCHED_FLAG = "_kft_multi_worker_ready"
 
 
@@ -67,7 +66,7 @@ def task_info(tf_config=None):
     assert info["worker_rank"] == 1 and not info["is_chief"]
     ```
     """
-    config = _read_tf_config(tf_config)
+    config = read_tf_config(tf_config)
     cluster = dict(config.get("cluster") or {})
     task = dict(config.get("task") or {})
     if not cluster:
@@ -156,7 +155,7 @@ def worker_backup_dir(base, tf_config=None):
     Example:
 
     ```python
-    backup = keras.callbacks.BackupAndRestore(
+    backup = kft.BackupAndRestore(
         kft.distributed.worker_backup_dir("/tmp/run1/backup"))
     ```
     """
@@ -168,24 +167,6 @@ def worker_backup_dir(base, tf_config=None):
     return os.path.join(os.fspath(base), f"{info['type']}_{info['index']}")
 
 
-def _read_tf_config(tf_config):
-    if tf_config is None:
-        tf_config = os.environ.get(TF_CONFIG_ENV, "")
-    if isinstance(tf_config, str):
-        if not tf_config.strip():
-            return {}
-        try:
-            tf_config = json.loads(tf_config)
-        except json.JSONDecodeError as e:
-            raise ValueError(
-                f"TF_CONFIG must be JSON. Received: {tf_config!r} ({e})"
-            ) from e
-    if not isinstance(tf_config, dict):
-        raise ValueError(
-            "Argument `tf_config` must be a dict, a JSON string or None. "
-            f"Received: tf_config={tf_config!r}"
-        )
-    return tf_config
 
 
 # --------------------------------------------------------------- strategies
@@ -236,6 +217,7 @@ def make_strategy(name="default", tpu=None):
     if name == "mirrored":
         return tf.distribute.MirroredStrategy()
     if name == "multi_worker":
+        read_tf_config()  # a clear error here rather than deep inside TF
         return tf.distribute.MultiWorkerMirroredStrategy()
     resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu)
     tf.config.experimental_connect_to_cluster(resolver)
@@ -715,7 +697,7 @@ def ensemble_from_directory(member_dir, num_members, timeout_s=3600.0,
     from keras_freetickets.ensemble import FreeTicketsEnsemble
 
     paths = wait_for_members(member_dir, num_members, timeout_s, poll_s)
-    if len(members_lib.list_members(member_dir)) == num_members:
+    if len(members_lib.list_members(member_dir, allow_gaps=True)) == num_members:
         return FreeTicketsEnsemble.from_directory(member_dir, **kwargs)
     custom_objects = kwargs.pop("custom_objects", None)
     loaded = [members_lib.load_member(p, custom_objects=custom_objects)

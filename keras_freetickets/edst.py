@@ -290,6 +290,8 @@ class EDSTCallback(keras.callbacks.Callback):
         phase, in_phase = self.phase_of(epoch)
         if phase == 0 or epoch >= self.total_epochs:
             return
+        if not math.isfinite(float((logs or {}).get("loss", 0.0))):
+            return  # NaN weights (TerminateOnNaN stops the run): no member
         index = phase - 1
         if index > 0 and logs is not None:
             # How far the run has grown back to the previous member (History

@@ -67,7 +67,10 @@ signature function are converted to float32 first.
 Writes are atomic: the SavedModel is written to a temporary folder beside
 `path` (a hidden, non-numeric name, which TF Serving's version scanner
 ignores) and renamed to `path` once complete; a failure removes it and leaves
-no partial version folder. TF Serving loads `<base>/<model_name>/<version>/`
+no partial version folder. An overwrite swaps the new folder with the old
+one in one atomic step (`renameat2(RENAME_EXCHANGE)`; two renames where the
+file system cannot), and the next export to the same path removes what a
+killed export left behind. TF Serving loads `<base>/<model_name>/<version>/`
 with an integer version; another final path component gets a warning.
 """
 
@@ -170,6 +173,20 @@ def export_ensemble(ensemble, path, overwrite=False, compact=True, verbose=False
             f"Argument `path` must be a non-empty path. Received: path={path!r}"
         )
     path = os.path.abspath(os.fspath(path))
+    if os.path.lexists(path) and not os.path.isdir(path):
+        raise ValueError(
+            "Argument `path` must be a folder for the SavedModel, but a file "
+            f"is there (it is never replaced, even with overwrite=True). "
+            f"Received: path={path!r}"
+        )
+    parent = os.path.dirname(path)
+    while parent and not os.path.lexists(parent):
+        parent = os.path.dirname(parent)
+    if parent and not os.path.isdir(parent):
+        raise ValueError(
+            f"Argument `path` must be inside a folder, but {parent} is a "
+            f"file. Received: path={path!r}"
+        )
     if os.path.lexists(path) and not overwrite:
         raise FileExistsError(
             f"{path} already exists; pass `overwrite=True` to replace it, or "
@@ -634,17 +651,29 @@ def _warn_dense_fallbacks(runners):
 
 
 def _write_atomically(archive, path, overwrite, verbose):
+    """Writes `archive` to `path` through a temporary folder and a rename.
+
+    A failure at any stage (a full disk, an I/O error) removes the
+    temporary folder, leaves an existing export at `path` as it was, and
+    raises an error of the same type whose message names the stage and
+    `path`.
+    """
     parent, name = os.path.split(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
+    tmp = None
     old = None
+    stage = "creating the temporary folder"
     try:
+        os.makedirs(parent, exist_ok=True)
+        _recover_killed_export(parent, name)
+        tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
         # mkdtemp makes the folder private (0700); a server running as
         # another user must be able to read it.
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)
+        stage = "writing the SavedModel"
         archive.write_out(tmp, verbose=verbose)
+        stage = "flushing the SavedModel to disk"
         _fsync_tree(tmp)
         if os.path.lexists(path):
             if not overwrite:
@@ -652,24 +681,98 @@ def _write_atomically(archive, path, overwrite, verbose):
                     f"{path} was created while exporting; pass `overwrite=True` "
                     "to replace it."
                 )
+            stage = "swapping the new export into place"
+            if _exchange(tmp, path):
+                # One atomic step: `path` is the new export, `tmp` the old.
+                _fsync_dir(parent)
+                shutil.rmtree(tmp, ignore_errors=True)
+                return
+            stage = "moving the old export aside"
             old = os.path.join(parent, f".{name}.old-{uuid.uuid4().hex}")
             os.rename(path, old)
+        stage = "renaming the new export into place"
         try:
             os.rename(tmp, path)
-        except OSError:
+        except BaseException:
             if old is not None:
                 os.rename(old, path)
                 old = None
             raise
+        tmp = None
         _fsync_dir(parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    except BaseException as e:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, FileExistsError) or not isinstance(
+            e, (OSError, tf.errors.OpError)
+        ):
+            raise
+        unchanged = (
+            f"the existing export at {path} is unchanged"
+            if os.path.lexists(path) else f"nothing was left at {path}"
+        )
+        message = (
+            f"Could not export the ensemble to {path}: {stage} failed "
+            f"({getattr(e, 'strerror', None) or getattr(e, 'message', None) or e}); "
+            f"{unchanged}."
+        )
+        if isinstance(e, OSError):
+            raise type(e)(e.errno, message) from e
+        raise type(e)(e.node_def, e.op, message) from e
     if old is not None:
-        if os.path.isdir(old) and not os.path.islink(old):
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.remove(old)
+        shutil.rmtree(old, ignore_errors=True)
+        if os.path.lexists(old):
+            warnings.warn(
+                f"The export at {path} was replaced, but its old copy could "
+                f"not be deleted: remove {old} by hand.",
+                stacklevel=3,
+            )
+
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+def _exchange(a, b):
+    """Swaps two paths atomically (Linux `renameat2(RENAME_EXCHANGE)`).
+
+    Returns False where the system or the file system cannot (the caller
+    then renames in two steps); raises OSError for any other failure.
+    """
+    import ctypes
+    import errno
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int,
+                          ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b),
+                 _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EPERM):
+        return False
+    raise OSError(err, os.strerror(err), b)
+
+
+def _recover_killed_export(parent, name):
+    """Cleans up after an export to `parent/name` that was killed: removes
+    its temporary folders, and puts back the old export if the kill came
+    between moving it aside and renaming the new one into place (the
+    two-step fallback of `_exchange`). One export to a path at a time."""
+    path = os.path.join(parent, name)
+    for entry in sorted(os.listdir(parent)):
+        full = os.path.join(parent, entry)
+        if entry.startswith(f".{name}.old-"):
+            if not os.path.lexists(path):
+                os.rename(full, path)
+            else:
+                shutil.rmtree(full, ignore_errors=True)
+        elif entry.startswith(f".{name}.tmp-"):
+            shutil.rmtree(full, ignore_errors=True)
 
 
 def _fsync_tree(root):

@@ -44,6 +44,10 @@ def drop_flags(weights, mask, k, k_max, picks_sorted=True):
     Large layers use the radix select of `keras_freetickets.selection`,
     which picks exactly what `top_k` does, faster.
     """
+    # Exact counts need NaN-free ranks: a non-finite weight ranks as 0,
+    # among the first dropped.
+    weights = tf.where(tf.math.is_finite(weights), weights,
+                       tf.zeros([], weights.dtype))
     return selection.smallest_active_flags(
         weights, mask, _count(k, k_max, picks_sorted), k_max)
 
@@ -58,6 +62,8 @@ def grow_flags(grow_score, kept, k, k_max, picks_sorted=True, blocked=None):
     -1 / (1 + s), below every allowed score and above the -inf of `kept`.
     """
     score = tf.cast(grow_score, tf.float32)
+    # A non-finite score (a NaN gradient) grows nothing first: it counts 0.
+    score = tf.where(tf.math.is_finite(score), score, 0.0)
     if blocked is not None:
         score = tf.where(blocked, -1.0 / (1.0 + score), score)
     return selection.largest_flags(

@@ -1,11 +1,11 @@
 """`MemberCheckpoint`: the callback that saves ensemble members, for EDST and DST."""
 
-import json
 import os
 
 import keras
 
 from keras_freetickets import members as members_lib
+from keras_freetickets._tf_config import read_tf_config
 
 MODES = ("auto", "min", "max")
 _MAXIMIZED = ("acc", "auc", "precision", "recall", "f1")
@@ -159,10 +159,7 @@ class MemberCheckpoint(keras.callbacks.Callback):
 
 
 def _worker_suffix():
-    try:
-        config = json.loads(os.environ.get("TF_CONFIG", "") or "{}")
-    except ValueError:
-        return ""
+    config = read_tf_config()  # a TF_CONFIG that does not parse is an error
     task = config.get("task") or {}
     if not task or len(config.get("cluster", {}).get("worker", [])) < 2:
         return ""

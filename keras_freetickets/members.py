@@ -34,7 +34,9 @@ dtypes are checked on load. Layer assets (lookup tables) are not stored.
 
 A file is written to a temporary file in the destination folder, flushed to
 disk and moved into place with `os.replace`, so a crash never leaves a
-partial file at the destination. Members of an ensemble are named
+partial file at the destination; the temporary file of a killed write is
+removed by the next write of the same member. Entries carry a fixed
+timestamp, so the same model and metadata give the same bytes. Members of an ensemble are named
 `member_<index>.kftm` (`member_path`, `list_members`).
 """
 
@@ -114,6 +116,11 @@ def save_member(model, path, metadata=None, overwrite=False):
             f"metadata={metadata!r} ({e})"
         ) from e
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ValueError(
+            "Argument `path` must be a file path, but a folder is there. "
+            f"Received: path={path!r}"
+        )
     if os.path.exists(path) and not overwrite:
         raise FileExistsError(
             f"A file already exists at {path}; pass `overwrite=True` to replace it."
@@ -140,27 +147,74 @@ def save_member(model, path, metadata=None, overwrite=False):
     }
 
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
     tmp_path = os.path.join(
         folder, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp"
     )
     try:
+        os.makedirs(folder, exist_ok=True)
+        _remove_stale_temporaries(folder, os.path.basename(path))
         fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         with os.fdopen(fd, "wb") as f:
             with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-                zf.writestr(_MANIFEST, json.dumps(manifest))
-                zf.writestr(_CONFIG, config_json)
-                zf.writestr(_METADATA, metadata_json)
+                _write_entry(zf, _MANIFEST, json.dumps(manifest))
+                _write_entry(zf, _CONFIG, config_json)
+                _write_entry(zf, _METADATA, metadata_json)
                 for name, data in entries:
-                    zf.writestr(name, data)
+                    _write_entry(zf, name, data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
-    except BaseException:
+        _fsync_dir(folder)
+    except BaseException as e:
         if os.path.exists(tmp_path):
             os.remove(tmp_path)
+        if isinstance(e, OSError):
+            raise OSError(
+                e.errno,
+                f"Could not write member file {path} ({e.strerror or e}); "
+                "nothing was written there"
+                + (" and the existing file is unchanged"
+                   if os.path.exists(path) else ""),
+            ) from e
         raise
     return path
+
+
+def _remove_stale_temporaries(folder, name):
+    """Removes the temporary files that a killed write of `name` left (one
+    writer per member file at a time, so none of them is in use)."""
+    prefix = f".{name}."
+    for entry in os.listdir(folder):
+        if entry.startswith(prefix) and entry.endswith(".tmp"):
+            try:
+                os.remove(os.path.join(folder, entry))
+            except OSError:
+                pass
+
+
+# Entries carry a fixed timestamp, so that the same model and metadata give
+# the same file, byte for byte (zip would otherwise store the write time).
+_ZIP_DATE = (1980, 1, 1, 0, 0, 0)
+
+
+def _write_entry(zf, name, data):
+    info = zipfile.ZipInfo(name, date_time=_ZIP_DATE)
+    info.compress_type = zipfile.ZIP_DEFLATED
+    info.external_attr = 0o644 << 16
+    zf.writestr(info, data)
+
+
+def _fsync_dir(folder):
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def load_member(path, custom_objects=None, compile=False, safe_mode=True):
@@ -276,27 +330,50 @@ def member_path(member_dir, index):
     return os.path.join(os.fspath(member_dir), f"member_{int(index)}{MEMBER_EXTENSION}")
 
 
-def list_members(member_dir):
+def list_members(member_dir, allow_gaps=False):
     """Lists the member files of `member_dir`, sorted by member index.
 
     Only files named `member_<index>.kftm` are listed (temporary files of
-    writes in progress are not).
+    writes in progress are not). Members must be numbered 0..M-1 without a
+    gap unless `allow_gaps`: a missing member (for example one that another
+    process is still training or writing) is an error naming it, never an
+    ensemble that silently lacks it.
 
     Args:
         member_dir: str or path-like. A folder of member files.
+        allow_gaps: bool. Whether indices may skip numbers.
 
     Returns:
         A list of paths (strings), member 0 first.
 
     Raises:
         FileNotFoundError: `member_dir` does not exist or is not a folder.
-        ValueError: `member_dir` holds no member file.
+        PermissionError: `member_dir` cannot be read.
+        ValueError: `member_dir` holds no member file, or a member below the
+            highest index is missing ("waiting for member i").
+
+    Example:
+
+    ```python
+    paths = list_members("members")  # ['members/member_0.kftm', ...]
+    ```
     """
     member_dir = os.fspath(member_dir)
     if not os.path.isdir(member_dir):
-        raise FileNotFoundError(f"Member directory not found: {member_dir}")
+        raise FileNotFoundError(
+            f"Member directory not found: {member_dir}"
+            + (" (a file is there, not a folder)"
+               if os.path.exists(member_dir) else "")
+        )
+    try:
+        names = os.listdir(member_dir)
+    except OSError as e:
+        raise type(e)(
+            e.errno, f"Member directory {member_dir} cannot be read "
+            f"({e.strerror or e})"
+        ) from e
     found = []
-    for name in os.listdir(member_dir):
+    for name in names:
         match = _MEMBER_NAME.match(name)
         if match and os.path.isfile(os.path.join(member_dir, name)):
             found.append((int(match.group(1)), name))
@@ -305,7 +382,25 @@ def list_members(member_dir):
             f"No members found in {member_dir} (expected files named "
             f"member_<index>{MEMBER_EXTENSION})."
         )
-    return [os.path.join(member_dir, name) for _, name in sorted(found)]
+    found.sort()
+    missing = sorted(set(range(found[-1][0] + 1)) - {i for i, _ in found})
+    if missing and not allow_gaps:
+        writing = [i for i in missing if any(
+            n.startswith(f".member_{i}{MEMBER_EXTENSION}.") and n.endswith(".tmp")
+            for n in names
+        )]
+        state = (
+            f"member {writing[0]} is being written now" if writing
+            else f"member {missing[0]} has not been written (yet)"
+        )
+        raise ValueError(
+            f"Member directory {member_dir} holds members "
+            f"{[i for i, _ in found]} but not {missing}: waiting for member "
+            f"{missing[0]} ({state}). Load once every member is there "
+            "(`kft.distributed.wait_for_members`), or pass "
+            "`allow_gaps=True` to list what is there."
+        )
+    return [os.path.join(member_dir, name) for _, name in found]
 
 
 def mask_overlap(a, b):
