@@ -167,8 +167,6 @@ def worker_backup_dir(base, tf_config=None):
     return os.path.join(os.fspath(base), f"{info['type']}_{info['index']}")
 
 
-
-
 # --------------------------------------------------------------- strategies
 def make_strategy(name="default", tpu=None):
     """Creates a `tf.distribute` strategy by name.
