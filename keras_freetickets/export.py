@@ -85,7 +85,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_freetickets import members as members_lib
+from keras_freetickets import _codec
 from keras_freetickets import prunable
 from keras_freetickets._keras_compat import FunctionalModel as Functional
 
@@ -404,14 +404,12 @@ class _CompactKernel:
         value = np.ascontiguousarray(value)
         self.shape = tuple(value.shape)
         self.dtype = value.dtype
-        self.nonzeros = int(
-            np.count_nonzero(members_lib._nonzero_positions(value.reshape(-1)))
-        )
+        self.nonzeros = _codec.count_nonzeros(value)
         num_slices = min(self.shape[-1], max(1, -(-value.nbytes // _CHUNK_BYTES)))
         self.slices = []
         for part in np.array_split(value, num_slices, axis=-1):
             part = np.ascontiguousarray(part)
-            nonzero = members_lib._nonzero_positions(part.reshape(-1))
+            nonzero = _codec.nonzero_positions(part.reshape(-1))
             bitmap = np.packbits(nonzero)
             values = part.reshape(-1)[nonzero]
             if mode == "rebuild_variables":
@@ -503,12 +501,6 @@ def _numpy(variable):
     return np.asarray(tf.convert_to_tensor(value).numpy())
 
 
-def _bitmap_is_smaller(value):
-    size = value.size
-    nonzeros = int(np.count_nonzero(members_lib._nonzero_positions(value.reshape(-1))))
-    return nonzeros * value.dtype.itemsize + (size + 7) // 8 < size * value.dtype.itemsize
-
-
 class _MemberRunner:
     """Runs one member on a tensor, with its sparse kernels compact.
 
@@ -525,7 +517,7 @@ class _MemberRunner:
         if compact and self.graph is None:
             sparse = [
                 v.path for v in prunable.prunable_variables(member.weights)
-                if _bitmap_is_smaller(_numpy(v))
+                if _codec.bitmap_is_smaller(_numpy(v))
             ]
             if sparse:
                 self.dense_fallbacks.append(
@@ -550,14 +542,14 @@ class _MemberRunner:
             kind = _substitutable(layer)
             if kind is not None:
                 value = _numpy(layer.kernel)
-                if _bitmap_is_smaller(value):
+                if _codec.bitmap_is_smaller(value):
                     self.kernels[id(layer)] = (
                         kind, _CompactKernel(value, self.kernel_mode)
                     )
                 continue
             sparse = [
                 v.path for v in prunable.prunable_variables(layer.weights)
-                if _bitmap_is_smaller(_numpy(v))
+                if _codec.bitmap_is_smaller(_numpy(v))
             ]
             if sparse:
                 self.dense_fallbacks.append(

@@ -49,6 +49,7 @@ import zipfile
 import keras
 import numpy as np
 
+from keras_freetickets import _codec
 from keras_freetickets import prunable
 
 FORMAT_NAME = "keras_freetickets.member"
@@ -134,7 +135,7 @@ def save_member(model, path, metadata=None, overwrite=False):
     manifest_weights = []
     for index, variable in enumerate(model.weights):
         value = np.asarray(keras.ops.convert_to_numpy(variable))
-        record, blobs = _encode_weight(index, value)
+        record, blobs = _codec.encode_weight(index, value)
         record["path"] = variable.path
         record["prunable"] = bool(prunable.is_prunable(variable))
         manifest_weights.append(record)
@@ -498,68 +499,6 @@ def _json_default(obj):
     raise TypeError(f"Object of type {type(obj).__name__} is not JSON serializable")
 
 
-def _nonzero_positions(flat):
-    """True where an entry has any nonzero bit (so -0.0 and NaN count)."""
-    raw = flat.view(np.uint8).reshape(flat.size, flat.dtype.itemsize)
-    return raw.any(axis=1)
-
-
-def _encode_weight(index, value):
-    value = np.ascontiguousarray(value)
-    if value.dtype.byteorder == ">":
-        value = value.astype(value.dtype.newbyteorder("<"))
-    flat = value.reshape(-1)
-    nonzero = _nonzero_positions(flat)
-    count = int(np.count_nonzero(nonzero))
-    itemsize = value.dtype.itemsize
-    record = {
-        "shape": list(value.shape),
-        "dtype": value.dtype.name,
-        "nonzeros": count,
-    }
-    bitmap_bytes = count * itemsize + (flat.size + 7) // 8
-    if bitmap_bytes < flat.size * itemsize:
-        record["encoding"] = "bitmap"
-        blobs = [
-            (f"weights/{index}.bitmap", np.packbits(nonzero).tobytes()),
-            (f"weights/{index}.values", flat[nonzero].tobytes()),
-        ]
-    else:
-        record["encoding"] = "dense"
-        blobs = [(f"weights/{index}.values", flat.tobytes())]
-    return record, blobs
-
-
-def _decode_weight(zf, index, record, path):
-    dtype = _dtype_from_name(record["dtype"])
-    shape = tuple(int(d) for d in record["shape"])
-    size = int(np.prod(shape, dtype=np.int64))
-    values = np.frombuffer(zf.read(f"weights/{index}.values"), dtype=dtype)
-    encoding = record["encoding"]
-    if encoding == "dense":
-        if values.size != size:
-            raise ValueError(f"size {values.size} != {size}")
-        return values.reshape(shape).copy()
-    if encoding == "bitmap":
-        bits = np.frombuffer(zf.read(f"weights/{index}.bitmap"), dtype=np.uint8)
-        nonzero = np.unpackbits(bits, count=size).astype(bool)
-        if int(np.count_nonzero(nonzero)) != values.size:
-            raise ValueError("bitmap and values disagree")
-        flat = np.zeros(size, dtype=dtype)
-        flat[nonzero] = values
-        return flat.reshape(shape)
-    raise ValueError(f"unknown encoding {encoding!r}")
-
-
-def _dtype_from_name(name):
-    try:
-        return np.dtype(name)
-    except TypeError:
-        import ml_dtypes
-
-        return np.dtype(getattr(ml_dtypes, name))
-
-
 class _open_member:
     """Opens a member file as a zip archive, with clear errors."""
 
@@ -616,7 +555,7 @@ def _read_weights(zf, manifest, path):
     arrays = []
     for index, record in enumerate(manifest.get("weights", [])):
         try:
-            arrays.append((record, _decode_weight(zf, index, record, path)))
+            arrays.append((record, _codec.decode_weight(zf, index, record, path)))
         except Exception as e:
             raise ValueError(
                 f"{path} is not a valid member file (weight {index} "
