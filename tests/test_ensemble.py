@@ -332,7 +332,7 @@ def test_batched_matches_per_member(kind):
 
 
 def test_batched_grouped_convolution_matches(monkeypatch):
-    from keras_freetickets import ensemble as ensemble_lib
+    from keras_freetickets import _ensemble_batched as ensemble_lib
 
     members = [_sequential_cnn(seed) for seed in range(3)]
     x = np.random.default_rng(2).random((20, 12, 12, 1)).astype("float32")

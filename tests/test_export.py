@@ -15,6 +15,7 @@ from hypothesis import given
 from hypothesis import settings
 from hypothesis import strategies as st
 
+from keras_freetickets import _export_graph
 from keras_freetickets import export as export_lib
 from keras_freetickets.ensemble import FreeTicketsEnsemble
 
@@ -158,7 +159,7 @@ def test_identical_members_have_zero_mutual_information(tmp_path):
 def test_functional_cnn_members_match_predict_with_kernels_sliced(tmp_path, monkeypatch):
     # A tiny slice size forces every kernel to be cut along its output axis,
     # so the per-slice outputs are concatenated (the path of >8 MiB kernels).
-    monkeypatch.setattr(export_lib, "_CHUNK_BYTES", 1024)
+    monkeypatch.setattr(_export_graph, "_CHUNK_BYTES", 1024)
     members = [_cnn(seed) for seed in range(2)]
     ensemble = FreeTicketsEnsemble(members, output="probabilities")
     x = _x(16, shape=(12, 12, 1))
@@ -520,12 +521,12 @@ def test_compact_kernel_rebuilds_bit_for_bit(shape, density, chunk_bytes, seed):
     value = rng.normal(size=shape).astype("float32")
     value[rng.random(shape) >= density] = 0.0
     value.reshape(-1)[0] = -0.0  # a nonzero bit pattern, kept as a value
-    old = export_lib._CHUNK_BYTES
-    export_lib._CHUNK_BYTES = chunk_bytes
+    old = _export_graph._CHUNK_BYTES
+    _export_graph._CHUNK_BYTES = chunk_bytes
     try:
-        kernel = export_lib._CompactKernel(value, "rebuild")
+        kernel = _export_graph._CompactKernel(value, "rebuild")
     finally:
-        export_lib._CHUNK_BYTES = old
+        _export_graph._CHUNK_BYTES = old
 
     rebuilt = np.concatenate([s.numpy() for s in kernel.dense_slices()], axis=-1)
 
@@ -589,7 +590,7 @@ def test_batched_export_matches_per_member_predict(tmp_path, kind):
 
 def test_batched_export_falls_back_for_large_stacked_kernels(tmp_path, monkeypatch):
     # A stacked kernel above the folding limit runs per member instead.
-    monkeypatch.setattr(export_lib, "_CHUNK_BYTES", 64 * 1024)
+    monkeypatch.setattr(_export_graph, "_CHUNK_BYTES", 64 * 1024)
     members = [_mlp(seed) for seed in range(2)]
     ensemble = FreeTicketsEnsemble(members, batched=True)
     runners = [
