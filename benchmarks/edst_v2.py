@@ -491,16 +491,18 @@ def plot_levers(raw, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 5))
-    for config, rows in raw.items():
+    fig, ax = plt.subplots(figsize=(9, 5))
+    colors = plt.cm.tab20.colors
+    for i, (config, rows) in enumerate(raw.items()):
         ax.scatter([r["disagreement"] for r in rows],
-                   [100 * r["ensemble_gain"] for r in rows], label=config)
+                   [100 * r["ensemble_gain"] for r in rows], label=config,
+                   color=colors[i % len(colors)], marker="osD^v<>"[i % 7])
     ax.axvline(0.035, color="grey", ls="--", lw=1)
     ax.axhline(0.4, color="grey", ls=":", lw=1)
     ax.set_xlabel("member disagreement (target >= 0.035)")
     ax.set_ylabel("ensemble gain, accuracy points (target >= 0.4)")
     ax.set_title("EDST levers on FMNIST-MLP v2 (one point per seed)")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

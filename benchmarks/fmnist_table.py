@@ -508,8 +508,10 @@ def train_edst(config, data, member_dir):
         num_members=config["num_members"],
         exploration_epochs=config["edst_exploration_epochs"],
         refinement_epochs=config["edst_refinement_epochs"],
-        global_drop_fraction=config["edst_global_drop_fraction"],
         member_dir=member_dir,
+        # The v1 tables measure the paper code's EDST.
+        **{**kft.edst.OFFICIAL_LEVERS, "global_drop_fraction":
+           config["edst_global_drop_fraction"]},
     )
     timer = epoch_timer("EDST", edst.total_epochs)
     start = time.perf_counter()
