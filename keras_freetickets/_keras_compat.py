@@ -3,9 +3,9 @@
 Keras 3 has no public API for a few things this library must do: hook an
 optimizer's per-variable update, find an optimizer's key for a variable, read
 an optimizer's raw learning rate (float or schedule), find the strategy a
-model or optimizer was built under, build optimizer state outside Keras'
-attribute tracking, and walk a functional model's graph. Each is one
-function here; `tests/test_keras_compat.py` pins them against the installed
+model or optimizer was built under, build a model from one batch as `fit`
+does, build optimizer state outside Keras' attribute tracking, and walk a
+functional model's graph. Each is one function here; `tests/test_keras_compat.py` pins them against the installed
 Keras, and `check_version` warns outside the tested range.
 """
 
@@ -57,6 +57,12 @@ def strategy_of(obj):
     if isinstance(obj, keras.Model):
         return obj._distribute_strategy
     return obj._distribution_strategy
+
+
+def symbolic_build(model, data_batch):
+    """Builds `model` (and its metrics) from one batch, as `fit` does on its
+    first step (`Trainer._symbolic_build`)."""
+    model._symbolic_build(data_batch=data_batch)
 
 
 def hook_update_step(inner, update_step):

@@ -26,18 +26,25 @@ assembled when every member file is there (`wait_for_members`,
 nothing a TPU rejects (`tpu_compatibility_problems`).
 """
 
+import importlib
 import os
 import re
-import time
-import types
 
 import keras
 
+from keras_freetickets._multiworker import MultiWorkerModelMixin
+from keras_freetickets._multiworker import is_multi_worker
+from keras_freetickets._multiworker import prepare_model
 from keras_freetickets._tf_config import read_tf_config
-from keras_freetickets._validation import check_int
+
+__all__ = [
+    "STRATEGY_NAMES", "TPU_REJECTED_OPS", "task_info", "is_chief",
+    "member_index_from_cluster", "worker_backup_dir", "make_strategy",
+    "is_multi_worker", "MultiWorkerModelMixin", "prepare_model",
+    "tpu_compatibility_problems", "ChiefOnly",
+]
 
 STRATEGY_NAMES = ("default", "one_device", "mirrored", "multi_worker", "tpu")
-_PATCHED_FLAG = "_kft_multi_worker_ready"
 
 
 # --------------------------------------------------------------- TF_CONFIG
@@ -223,221 +230,6 @@ def make_strategy(name="default", tpu=None):
     return tf.distribute.TPUStrategy(resolver)
 
 
-def is_multi_worker(strategy):
-    """True for a MultiWorkerMirroredStrategy spanning more than one worker."""
-    import tensorflow as tf
-
-    return isinstance(
-        strategy, tf.distribute.MultiWorkerMirroredStrategy
-    ) and bool(strategy.extended._in_multi_worker_mode())
-
-
-# ------------------------------------------------------- the fit fix itself
-def _local_batch(strategy, batch):
-    """The first local copy of a distributed batch: only shapes are needed."""
-    import tensorflow as tf
-
-    def first(value):
-        if isinstance(value, tf.distribute.DistributedValues):
-            return strategy.experimental_local_results(value)[0]
-        return value
-
-    return keras.tree.map_structure(first, batch)
-
-
-def _symbolic_build(model, base, iterator=None, data_batch=None):
-    strategy = model._distribute_strategy
-    if strategy is None or not is_multi_worker(strategy):
-        return base(iterator=iterator, data_batch=data_batch)
-    if iterator is not None:
-        for _, _, batches in iterator:
-            data_batch = _local_batch(strategy, next(batches))
-            break
-    with strategy.scope():
-        model._symbolic_build(data_batch=data_batch)
-
-
-def _logs_with_worker_axis(model, logs):
-    """Gives every log a leading axis of 1 under multi-worker training, so
-    that Keras' `strategy.reduce("MEAN", v, axis=0)` averages over workers."""
-    import tensorflow as tf
-
-    if not is_multi_worker(model.distribute_strategy):
-        return logs
-
-    def expand(value):
-        if isinstance(value, (tf.Tensor, tf.Variable)) or hasattr(
-            value, "shape"
-        ):
-            return tf.expand_dims(tf.convert_to_tensor(value), 0)
-        return value
-
-    return keras.tree.map_structure(expand, logs)
-
-
-def _check_step_settings(model):
-    """Refuses what Keras or TensorFlow cannot run on several workers."""
-    strategy = model.distribute_strategy
-    if not is_multi_worker(strategy):
-        return
-    steps = getattr(model, "steps_per_execution", 1) or 1
-    if steps > 1:
-        raise ValueError(
-            "`steps_per_execution` > 1 is not supported under "
-            "MultiWorkerMirroredStrategy with more than one worker (Keras "
-            "3.15's multi-step loop fails on the cross-worker collectives): "
-            "compile with steps_per_execution=1. Received: "
-            f"steps_per_execution={steps}"
-        )
-    devices = list(strategy.extended.worker_devices)
-    if model.jit_compile and all("CPU" in d.upper() for d in devices):
-        raise ValueError(
-            "`jit_compile=True` is not supported under "
-            "MultiWorkerMirroredStrategy on CPU workers (TensorFlow's XLA "
-            "has no CPU collectives): compile with jit_compile=False. "
-            f"Received: jit_compile={model.jit_compile!r} on {devices}"
-        )
-
-
-class MultiWorkerModelMixin:
-    """Makes `fit` / `evaluate` / `predict` work on several workers (Keras 3).
-
-    Mix it in before `keras.Model` in a subclassed model (for a model built
-    with `keras.Sequential` or the functional API, use `prepare_model`). It
-    changes nothing without a multi-worker MultiWorkerMirroredStrategy.
-    Under one, the model is built from the local copy of the first batch,
-    the train and test steps' logs get a leading axis of 1 so that Keras'
-    cross-replica reduction is a mean over workers (epoch-end and `evaluate`
-    metrics are global values; per-batch logs average the workers' running
-    values), and `steps_per_execution > 1` (and `jit_compile=True` on CPU
-    workers, where XLA has no collectives) is refused with a ValueError.
-
-    Example:
-
-    ```python
-    class MyModel(kft.distributed.MultiWorkerModelMixin, keras.Model):
-        ...
-    with strategy.scope():
-        model = MyModel()
-        model.compile(optimizer=kft.SparseOptimizer(...), loss=...)
-    model.fit(dataset, epochs=3)
-    ```
-    """
-
-    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
-        _symbolic_build(
-            self, super()._maybe_symbolic_build, iterator, data_batch
-        )
-
-    def train_step(self, data):
-        return _logs_with_worker_axis(self, super().train_step(data))
-
-    def test_step(self, data):
-        return _logs_with_worker_axis(self, super().test_step(data))
-
-    def make_train_function(self, force=False):
-        _check_step_settings(self)
-        return super().make_train_function(force=force)
-
-    def make_test_function(self, force=False):
-        _check_step_settings(self)
-        return super().make_test_function(force=force)
-
-
-def prepare_model(model, strategy=None):
-    """Readies a model for `fit` / `evaluate` / `predict` under `strategy`.
-
-    Under a multi-worker MultiWorkerMirroredStrategy it gives this one model
-    object the behavior of `MultiWorkerModelMixin` (its class, config and
-    saving are unchanged); under any other strategy it only checks that the
-    model was built in the strategy's scope. Calling it twice is harmless.
-
-    Args:
-        model: a `keras.Model`, created inside `strategy.scope()`.
-        strategy: the `tf.distribute.Strategy` it trains under (default:
-            the one the model was created under, else the current one).
-
-    Returns:
-        `model` itself.
-
-    Example:
-
-    ```python
-    strategy = kft.distributed.make_strategy("multi_worker")
-    with strategy.scope():
-        model = kft.distributed.prepare_model(build_model(), strategy)
-        model.compile(optimizer=kft.SparseOptimizer(
-            keras.optimizers.SGD(0.05, momentum=0.9), sparsity=0.8),
-            loss="sparse_categorical_crossentropy")
-    model.fit(x, y, batch_size=128 * strategy.num_replicas_in_sync)
-    ```
-    """
-    import tensorflow as tf
-
-    if not isinstance(model, keras.Model):
-        raise ValueError(
-            "Argument `model` must be a `keras.Model`. Received: "
-            f"model={model!r} of type {type(model).__name__}"
-        )
-    if strategy is None:
-        strategy = model._distribute_strategy or tf.distribute.get_strategy()
-    if not isinstance(strategy, tf.distribute.Strategy):
-        raise ValueError(
-            "Argument `strategy` must be a `tf.distribute.Strategy`. "
-            f"Received: strategy={strategy!r}"
-        )
-    own = model._distribute_strategy
-    if not _is_default(strategy) and own is not strategy:
-        raise ValueError(
-            "The model must be created inside `strategy.scope()` of the "
-            "strategy it trains under. Received: a model created under "
-            f"{type(own).__name__ if own else 'no strategy'}, strategy="
-            f"{type(strategy).__name__}"
-        )
-    if isinstance(model, MultiWorkerModelMixin) or getattr(
-        model, _PATCHED_FLAG, False
-    ):
-        return model
-    if not is_multi_worker(strategy):
-        return model
-    cls = type(model)
-
-    def maybe_symbolic_build(self, iterator=None, data_batch=None):
-        _symbolic_build(
-            self, types.MethodType(cls._maybe_symbolic_build, self),
-            iterator, data_batch,
-        )
-
-    def train_step(self, data):
-        return _logs_with_worker_axis(self, cls.train_step(self, data))
-
-    def test_step(self, data):
-        return _logs_with_worker_axis(self, cls.test_step(self, data))
-
-    def make_train_function(self, force=False):
-        _check_step_settings(self)
-        return cls.make_train_function(self, force=force)
-
-    def make_test_function(self, force=False):
-        _check_step_settings(self)
-        return cls.make_test_function(self, force=force)
-
-    for function in (maybe_symbolic_build, train_step, test_step,
-                     make_train_function, make_test_function):
-        name = (
-            "_maybe_symbolic_build" if function is maybe_symbolic_build
-            else function.__name__
-        )
-        object.__setattr__(model, name, types.MethodType(function, model))
-    object.__setattr__(model, _PATCHED_FLAG, True)
-    return model
-
-
-def _is_default(strategy):
-    """True for TensorFlow's default (no-op) strategy."""
-    return type(strategy).__name__ == "_DefaultDistributionStrategy"
-
-
 # --------------------------------------------------------------------- TPUs
 # TensorFlow ops that a TPU program cannot hold: outputs whose shape depends
 # on the data, calls back into Python, host printing.
@@ -604,100 +396,21 @@ def _ignore(*args, **kwargs):
 
 
 # ------------------------------------------------ DST members across workers
-def wait_for_members(member_dir, num_members, timeout_s=3600.0, poll_s=5.0):
-    """Waits until every member file of a DST ensemble is in `member_dir`.
-
-    With `train_dst_ensemble(..., member_index=i)` running in separate
-    processes (for example worker i of a cluster, see
-    `member_index_from_cluster`), each process writes its member atomically
-    when it finishes; the process that assembles the ensemble calls this
-    first.
-
-    Args:
-        member_dir: str or path-like. Folder of `member_<i>.kftm` files.
-        num_members: int >= 1. Members expected (indices 0..M-1).
-        timeout_s: float >= 0. Seconds to wait at most.
-        poll_s: float > 0. Seconds between checks.
-
-    Returns:
-        The member paths, in index order.
-
-    Raises:
-        TimeoutError: members are still missing after `timeout_s`; the
-            message lists them.
-
-    Example:
-
-    ```python
-    paths = kft.distributed.wait_for_members("members", 3, timeout_s=600)
-    ensemble = kft.FreeTicketsEnsemble.from_directory("members")
-    ```
-    """
-    from keras_freetickets import dst
-    from keras_freetickets import members as members_lib
-
-    check_int("num_members", num_members, 1)
-    if isinstance(timeout_s, bool) or not isinstance(
-        timeout_s, (int, float)
-    ) or timeout_s < 0:
-        raise ValueError(
-            "Argument `timeout_s` must be a number >= 0. "
-            f"Received: timeout_s={timeout_s!r}"
-        )
-    if isinstance(poll_s, bool) or not isinstance(
-        poll_s, (int, float)
-    ) or poll_s <= 0:
-        raise ValueError(
-            "Argument `poll_s` must be a number > 0. "
-            f"Received: poll_s={poll_s!r}"
-        )
-    deadline = time.monotonic() + float(timeout_s)
-    while True:
-        missing = (
-            dst.missing_members(member_dir, num_members)
-            if os.path.isdir(member_dir) else list(range(num_members))
-        )
-        if not missing:
-            return [members_lib.member_path(member_dir, i)
-                    for i in range(num_members)]
-        left = deadline - time.monotonic()
-        if left <= 0:
-            names = [os.path.basename(members_lib.member_path(member_dir, i))
-                     for i in missing]
-            raise TimeoutError(
-                f"{len(missing)} of {num_members} ensemble members are still "
-                f"missing from {os.fspath(member_dir)} after {timeout_s} s: "
-                f"members {missing} (files {names}). Check that the "
-                "processes training them are running, each with its own "
-                "`member_index`."
-            )
-        time.sleep(min(float(poll_s), left))
+# Old names of helpers that now live with the members and the ensemble
+# (`keras_freetickets.members.wait_for_members`,
+# `keras_freetickets.ensemble.ensemble_from_directory`), resolved on first
+# use so that this module depends on neither.
+_MOVED = {
+    "wait_for_members": "keras_freetickets.members",
+    "ensemble_from_directory": "keras_freetickets.ensemble",
+}
 
 
-def ensemble_from_directory(member_dir, num_members, timeout_s=3600.0,
-                            poll_s=5.0, **kwargs):
-    """Waits for `num_members` members (`wait_for_members`), then builds the
-    ensemble with `FreeTicketsEnsemble.from_directory(member_dir, **kwargs)`.
+def __getattr__(name):
+    if name in _MOVED:
+        return getattr(importlib.import_module(_MOVED[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-    Only members 0..M-1 are loaded even if the folder holds more.
 
-    Args:
-        member_dir: str or path-like. Folder of member files.
-        num_members: int >= 1.
-        timeout_s: float >= 0. Seconds to wait at most.
-        poll_s: float > 0. Seconds between checks.
-        **kwargs: `output`, `custom_objects`, `name` of the ensemble.
-
-    Returns:
-        A `FreeTicketsEnsemble`.
-    """
-    from keras_freetickets import members as members_lib
-    from keras_freetickets.ensemble import FreeTicketsEnsemble
-
-    paths = wait_for_members(member_dir, num_members, timeout_s, poll_s)
-    if len(members_lib.list_members(member_dir, allow_gaps=True)) == num_members:
-        return FreeTicketsEnsemble.from_directory(member_dir, **kwargs)
-    custom_objects = kwargs.pop("custom_objects", None)
-    loaded = [members_lib.load_member(p, custom_objects=custom_objects)
-              for p in paths]
-    return FreeTicketsEnsemble(loaded, **kwargs)
+def __dir__():
+    return sorted(list(globals()) + list(_MOVED))

@@ -379,3 +379,29 @@ def _stacked_probabilities(member_models, member_output, inputs, training, axis)
 
 
 _UNPLANNED = object()
+
+
+def ensemble_from_directory(member_dir, num_members, timeout_s=3600.0,
+                            poll_s=5.0, **kwargs):
+    """Waits for `num_members` members (`wait_for_members`), then builds the
+    ensemble with `FreeTicketsEnsemble.from_directory(member_dir, **kwargs)`.
+
+    Only members 0..M-1 are loaded even if the folder holds more.
+
+    Args:
+        member_dir: str or path-like. Folder of member files.
+        num_members: int >= 1.
+        timeout_s: float >= 0. Seconds to wait at most.
+        poll_s: float > 0. Seconds between checks.
+        **kwargs: `output`, `custom_objects`, `name` of the ensemble.
+
+    Returns:
+        A `FreeTicketsEnsemble`.
+    """
+    paths = members_lib.wait_for_members(member_dir, num_members, timeout_s, poll_s)
+    if len(members_lib.list_members(member_dir, allow_gaps=True)) == num_members:
+        return FreeTicketsEnsemble.from_directory(member_dir, **kwargs)
+    custom_objects = kwargs.pop("custom_objects", None)
+    loaded = [members_lib.load_member(p, custom_objects=custom_objects)
+              for p in paths]
+    return FreeTicketsEnsemble(loaded, **kwargs)

@@ -42,7 +42,7 @@ timestamp, so the same model and metadata give the same bytes. Members of an ens
 
 import json
 import os
-import re
+import time
 import uuid
 import zipfile
 
@@ -51,15 +51,32 @@ import numpy as np
 
 from keras_freetickets import _codec
 from keras_freetickets import prunable
+from keras_freetickets._validation import check_int
+from keras_freetickets._mask_overlap import mask_overlap
+from keras_freetickets._mask_overlap import pairwise_mask_overlap
+from keras_freetickets._member_file import _CONFIG
+from keras_freetickets._member_file import _MANIFEST
+from keras_freetickets._member_file import _MEMBER_NAME
+from keras_freetickets._member_file import _METADATA
+from keras_freetickets._member_file import FORMAT_NAME
+from keras_freetickets._member_file import FORMAT_VERSION
+from keras_freetickets._member_file import MEMBER_EXTENSION
+from keras_freetickets._member_file import _fsync_dir
+from keras_freetickets._member_file import _json_default
+from keras_freetickets._member_file import _open_member
+from keras_freetickets._member_file import _read_json
+from keras_freetickets._member_file import _read_manifest
+from keras_freetickets._member_file import _read_weights
+from keras_freetickets._member_file import _remove_stale_temporaries
+from keras_freetickets._member_file import _write_entry
+from keras_freetickets._member_file import read_member_weights
 
-FORMAT_NAME = "keras_freetickets.member"
-FORMAT_VERSION = 1
-MEMBER_EXTENSION = ".kftm"
-
-_MANIFEST = "kftm.json"
-_CONFIG = "config.json"
-_METADATA = "metadata.json"
-_MEMBER_NAME = re.compile(r"^member_(\d+)" + re.escape(MEMBER_EXTENSION) + r"$")
+__all__ = [
+    "FORMAT_NAME", "FORMAT_VERSION", "MEMBER_EXTENSION", "save_member",
+    "load_member", "read_member_metadata", "read_member_weights",
+    "member_path", "list_members", "mask_overlap", "pairwise_mask_overlap",
+    "wait_for_members",
+]
 
 
 def save_member(model, path, metadata=None, overwrite=False):
@@ -181,43 +198,6 @@ def save_member(model, path, metadata=None, overwrite=False):
     return path
 
 
-def _remove_stale_temporaries(folder, name):
-    """Removes the temporary files that a killed write of `name` left (one
-    writer per member file at a time, so none of them is in use)."""
-    prefix = f".{name}."
-    for entry in os.listdir(folder):
-        if entry.startswith(prefix) and entry.endswith(".tmp"):
-            try:
-                os.remove(os.path.join(folder, entry))
-            except OSError:
-                pass
-
-
-# Entries carry a fixed timestamp, so that the same model and metadata give
-# the same file, byte for byte (zip would otherwise store the write time).
-_ZIP_DATE = (1980, 1, 1, 0, 0, 0)
-
-
-def _write_entry(zf, name, data):
-    info = zipfile.ZipInfo(name, date_time=_ZIP_DATE)
-    info.compress_type = zipfile.ZIP_DEFLATED
-    info.external_attr = 0o644 << 16
-    zf.writestr(info, data)
-
-
-def _fsync_dir(folder):
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def load_member(path, custom_objects=None, compile=False, safe_mode=True):
     """Loads a Keras model from a member file written by `save_member`.
 
@@ -293,33 +273,6 @@ def read_member_metadata(path):
     with _open_member(path) as zf:
         _read_manifest(zf, path)
         return _read_json(zf, _METADATA, path)
-
-
-def read_member_weights(path, prunable_only=False):
-    """Reads a member file's weights as numpy arrays, without building a model.
-
-    Args:
-        path: str or path-like. A member file.
-        prunable_only: bool. If True, only the weights that were prunable in
-            the saved model (see `keras_freetickets.prunable`).
-
-    Returns:
-        A dict from the saved variable paths to numpy arrays, in the order of
-        the saved model's `model.weights`.
-    """
-    path = os.fspath(path)
-    with _open_member(path) as zf:
-        manifest = _read_manifest(zf, path)
-        arrays = _read_weights(zf, manifest, path)
-    result = {}
-    for record, array in arrays:
-        if prunable_only and not record.get("prunable", False):
-            continue
-        key = record["path"]
-        if key in result:
-            key = f"{key}#{len(result)}"
-        result[key] = array
-    return result
 
 
 def member_path(member_dir, index):
@@ -404,162 +357,77 @@ def list_members(member_dir, allow_gaps=False):
     return [os.path.join(member_dir, name) for _, name in found]
 
 
-def mask_overlap(a, b):
-    """Overlap of the active (nonzero) prunable weights of two sparse models.
+def wait_for_members(member_dir, num_members, timeout_s=3600.0, poll_s=5.0):
+    """Waits until every member file of a DST ensemble is in `member_dir`.
 
-    With `A` and `B` the sets of positions of nonzero entries over all
-    prunable kernels (taken in order, see `keras_freetickets.prunable`), the
-    overlap is `|A & B| / |A|`: the fraction of `a`'s active weights that are
-    also active in `b`. Members trained at the same exact per-layer counts
-    have `|A| == |B|`, so the value is then symmetric. 1.0 means identical
-    masks; two independent random masks at density d overlap by about d.
-
-    Args:
-        a: A `keras.Model`, a member file path, or a dict from variable paths
-            to arrays (only rank >= 2 entries named `kernel`,
-            `depthwise_kernel` or `pointwise_kernel` are used).
-        b: The same kinds as `a`, with prunable kernels of the same shapes.
-
-    Returns:
-        A float in [0, 1].
-    """
-    kernels_a = _prunable_arrays(a, "a")
-    kernels_b = _prunable_arrays(b, "b")
-    if len(kernels_a) != len(kernels_b) or any(
-        x.shape != y.shape for x, y in zip(kernels_a, kernels_b)
-    ):
-        raise ValueError(
-            "Arguments `a` and `b` must have prunable kernels of the same "
-            f"shapes. Received: a={[x.shape for x in kernels_a]}, "
-            f"b={[y.shape for y in kernels_b]}"
-        )
-    active_a = 0
-    both = 0
-    for x, y in zip(kernels_a, kernels_b):
-        nz_x = x != 0
-        active_a += int(np.count_nonzero(nz_x))
-        both += int(np.count_nonzero(nz_x & (y != 0)))
-    if active_a == 0:
-        raise ValueError("Argument `a` has no active (nonzero) prunable weights.")
-    return both / active_a
-
-
-def pairwise_mask_overlap(members):
-    """Matrix of `mask_overlap(members[i], members[j])` for all pairs.
+    With `train_dst_ensemble(..., member_index=i)` running in separate
+    processes (for example worker i of a cluster, see
+    `member_index_from_cluster`), each process writes its member atomically
+    when it finishes; the process that assembles the ensemble calls this
+    first.
 
     Args:
-        members: A list of models, member file paths or weight dicts (see
-            `mask_overlap`).
+        member_dir: str or path-like. Folder of `member_<i>.kftm` files.
+        num_members: int >= 1. Members expected (indices 0..M-1).
+        timeout_s: float >= 0. Seconds to wait at most.
+        poll_s: float > 0. Seconds between checks.
 
     Returns:
-        A float64 numpy array of shape (M, M), ones on the diagonal.
+        The member paths, in index order.
+
+    Raises:
+        TimeoutError: members are still missing after `timeout_s`; the
+            message lists them.
+
+    Example:
+
+    ```python
+    paths = kft.members.wait_for_members("members", 3, timeout_s=600)
+    ensemble = kft.FreeTicketsEnsemble.from_directory("members")
+    ```
     """
-    members = list(members)
-    count = len(members)
-    result = np.ones((count, count))
-    arrays = [_prunable_arrays(m, f"members[{i}]") for i, m in enumerate(members)]
-    for i in range(count):
-        for j in range(count):
-            if i != j:
-                result[i, j] = mask_overlap(_as_dict(arrays[i]), _as_dict(arrays[j]))
-    return result
-
-
-def _as_dict(arrays):
-    return {f"w{i}/kernel": array for i, array in enumerate(arrays)}
-
-
-def _prunable_arrays(obj, name):
-    if isinstance(obj, keras.Model):
-        return [
-            np.asarray(keras.ops.convert_to_numpy(v))
-            for v in prunable.prunable_variables(obj.weights)
-        ]
-    if isinstance(obj, (str, os.PathLike)):
-        return list(read_member_weights(obj, prunable_only=True).values())
-    if isinstance(obj, dict):
-        arrays = []
-        for key, value in obj.items():
-            value = np.asarray(value)
-            weight_name = str(key).split("/")[-1].split(":")[0].split("#")[0]
-            if value.ndim >= 2 and weight_name in prunable._PRUNABLE_NAMES:
-                arrays.append(value)
-        return arrays
-    raise ValueError(
-        f"Argument `{name}` must be a keras.Model, a member file path or a "
-        f"dict of weights. Received: {name}={obj!r} of type {type(obj).__name__}"
-    )
-
-
-def _json_default(obj):
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    raise TypeError(f"Object of type {type(obj).__name__} is not JSON serializable")
-
-
-class _open_member:
-    """Opens a member file as a zip archive, with clear errors."""
-
-    def __init__(self, path):
-        self.path = path
-        self.zf = None
-
-    def __enter__(self):
-        if not os.path.isfile(self.path):
-            raise FileNotFoundError(f"Member file not found: {self.path}")
-        try:
-            self.zf = zipfile.ZipFile(self.path, "r")
-        except (zipfile.BadZipFile, OSError) as e:
-            raise ValueError(
-                f"{self.path} is not a valid member file (not a zip archive: {e})."
-            ) from e
-        return self.zf
-
-    def __exit__(self, *exc):
-        self.zf.close()
-        return False
-
-
-def _read_json(zf, name, path):
-    try:
-        return json.loads(zf.read(name).decode("utf-8"))
-    except KeyError as e:
+    check_int("num_members", num_members, 1)
+    if isinstance(timeout_s, bool) or not isinstance(
+        timeout_s, (int, float)
+    ) or timeout_s < 0:
         raise ValueError(
-            f"{path} is not a valid member file (entry '{name}' is missing)."
-        ) from e
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
-        raise ValueError(
-            f"{path} is not a valid member file (entry '{name}' is corrupt: {e})."
-        ) from e
-
-
-def _read_manifest(zf, path):
-    manifest = _read_json(zf, _MANIFEST, path)
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
-        raise ValueError(
-            f"{path} is not a keras_freetickets member file (format "
-            f"{manifest.get('format') if isinstance(manifest, dict) else None!r})."
+            "Argument `timeout_s` must be a number >= 0. "
+            f"Received: timeout_s={timeout_s!r}"
         )
-    version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
+    if isinstance(poll_s, bool) or not isinstance(
+        poll_s, (int, float)
+    ) or poll_s <= 0:
         raise ValueError(
-            f"Member file {path} has format version {version!r}; this version "
-            f"of keras_freetickets reads version {FORMAT_VERSION} only."
+            "Argument `poll_s` must be a number > 0. "
+            f"Received: poll_s={poll_s!r}"
         )
-    return manifest
+    deadline = time.monotonic() + float(timeout_s)
+    while True:
+        missing = (
+            _missing_members(member_dir, num_members)
+            if os.path.isdir(member_dir) else list(range(num_members))
+        )
+        if not missing:
+            return [member_path(member_dir, i)
+                    for i in range(num_members)]
+        left = deadline - time.monotonic()
+        if left <= 0:
+            names = [os.path.basename(member_path(member_dir, i))
+                     for i in missing]
+            raise TimeoutError(
+                f"{len(missing)} of {num_members} ensemble members are still "
+                f"missing from {os.fspath(member_dir)} after {timeout_s} s: "
+                f"members {missing} (files {names}). Check that the "
+                "processes training them are running, each with its own "
+                "`member_index`."
+            )
+        time.sleep(min(float(poll_s), left))
 
 
-def _read_weights(zf, manifest, path):
-    arrays = []
-    for index, record in enumerate(manifest.get("weights", [])):
-        try:
-            arrays.append((record, _codec.decode_weight(zf, index, record, path)))
-        except Exception as e:
-            raise ValueError(
-                f"{path} is not a valid member file (weight {index} "
-                f"'{record.get('path') if isinstance(record, dict) else record}' "
-                f"is corrupt: {e})."
-            ) from e
-    return arrays
+def _missing_members(member_dir, num_members):
+    """Indices of members whose files are not (yet) in `member_dir`."""
+    return [
+        i for i in range(num_members)
+        if not os.path.exists(member_path(member_dir, i))
+    ]
+

@@ -5,6 +5,7 @@ import pathlib
 import warnings
 
 import keras
+import numpy as np
 import pytest
 
 from keras_freetickets import _keras_compat as compat
@@ -48,6 +49,10 @@ def test_optimizer_internals_are_where_we_read_them(name):
 def test_model_strategy_and_functional_class():
     model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
     assert compat.strategy_of(model) is None
+    unbuilt = keras.Sequential([keras.layers.Dense(1)])
+    unbuilt.compile(loss="mse")
+    compat.symbolic_build(unbuilt, (np.zeros((4, 3), "float32"), np.zeros((4, 1))))
+    assert unbuilt.built and unbuilt.layers[0].kernel.shape == (3, 1)
     functional = keras.Model(*(lambda i: (i, keras.layers.Dense(1)(i)))(
         keras.Input((2,))))
     assert isinstance(functional, compat.FunctionalModel)
