@@ -3,6 +3,8 @@
 import keras
 import numpy as np
 
+from keras_freetickets import _keras_compat as compat
+
 
 def member_shapes(member, index):
     """(input_shape, output_shape) of a built single-input, single-output model."""
@@ -77,8 +79,7 @@ def _final_layer(model):
         outputs = None
     layer = None
     if outputs and len(outputs) == 1:
-        history = getattr(outputs[0], "_keras_history", None)
-        layer = getattr(history, "operation", None)
+        layer = compat.producing_operation(outputs[0])
     if layer is None and isinstance(model, keras.Sequential) and model.layers:
         layer = model.layers[-1]
     if isinstance(layer, keras.Model) and layer is not model:

@@ -14,6 +14,7 @@ import tensorflow as tf
 
 from keras_freetickets import _codec
 from keras_freetickets import prunable
+from keras_freetickets import _keras_compat as compat
 from keras_freetickets._keras_compat import FunctionalModel as Functional
 
 # Grappler does not fold constants of 10 MiB or more: rebuild in pieces below.
@@ -160,7 +161,7 @@ def _substitutable(layer):
         return None
     if getattr(layer, "lora_enabled", False):
         return None
-    if getattr(layer, "_kernel", None) is None:
+    if compat.kernel_variable(layer) is None:
         return None
     if type(layer).call is keras.layers.Dense.call:
         return "dense"
@@ -175,7 +176,7 @@ def _graph_of(model):
     if isinstance(model, keras.Sequential):
         if type(model).call is not keras.Sequential.call:
             return None
-        graph = getattr(model, "_functional", None)
+        graph = compat.sequential_graph(model)
         return graph if isinstance(graph, Functional) else None
     if isinstance(model, Functional) and type(model).call is Functional.call:
         return model
@@ -252,7 +253,7 @@ class _MemberRunner:
         return self._run(self.graph, inputs)
 
     def _run(self, graph, inputs):
-        return graph._run_through_graph(inputs, operation_fn=self._operation_fn)
+        return compat.run_through_graph(graph, inputs, self._operation_fn)
 
     def _operation_fn(self, operation):
         nested = _graph_of(operation) if isinstance(operation, keras.Model) else None
@@ -267,7 +268,7 @@ class _MemberRunner:
             )
 
         def call(*args, **kwargs):
-            if "training" in getattr(operation, "_call_context_args", ()):
+            if "training" in compat.call_context_args(operation):
                 kwargs["training"] = False
             return operation(*args, **kwargs)
 

@@ -5,7 +5,7 @@ optimizer's per-variable update, find an optimizer's key for a variable, read
 an optimizer's raw learning rate (float or schedule), find the strategy a
 model or optimizer was built under, build a model from one batch as `fit`
 does, build optimizer state outside Keras' attribute tracking, and walk a
-functional model's graph. Each is one function here; `tests/test_keras_compat.py` pins them against the installed
+functional model's graph (its layers, their kernels, the call context). Each is one function here; `tests/test_keras_compat.py` pins them against the installed
 Keras, and `check_version` warns outside the tested range.
 """
 
@@ -63,6 +63,34 @@ def symbolic_build(model, data_batch):
     """Builds `model` (and its metrics) from one batch, as `fit` does on its
     first step (`Trainer._symbolic_build`)."""
     model._symbolic_build(data_batch=data_batch)
+
+
+def sequential_graph(model):
+    """The Functional graph a built Sequential model runs, or None."""
+    return getattr(model, "_functional", None)
+
+
+def run_through_graph(graph, inputs, operation_fn):
+    """Runs a Functional graph on `inputs`, each operation through
+    `operation_fn(operation)` (a callable that replaces its call)."""
+    return graph._run_through_graph(inputs, operation_fn=operation_fn)
+
+
+def call_context_args(layer):
+    """The call arguments (e.g. "training") Keras passes to `layer` from
+    the call context."""
+    return getattr(layer, "_call_context_args", ())
+
+
+def kernel_variable(layer):
+    """The variable behind `layer.kernel` (None where the layer has none, as
+    for a quantized or LoRA layer that computes its kernel)."""
+    return getattr(layer, "_kernel", None)
+
+
+def producing_operation(tensor):
+    """The operation that produced a symbolic tensor, or None."""
+    return getattr(getattr(tensor, "_keras_history", None), "operation", None)
 
 
 def hook_update_step(inner, update_step):

@@ -56,6 +56,16 @@ def test_model_strategy_and_functional_class():
     functional = keras.Model(*(lambda i: (i, keras.layers.Dense(1)(i)))(
         keras.Input((2,))))
     assert isinstance(functional, compat.FunctionalModel)
+    dense = functional.layers[-1]
+    assert compat.producing_operation(functional.outputs[0]) is dense
+    assert compat.kernel_variable(dense) is not None
+    assert "training" in compat.call_context_args(keras.layers.Dropout(0.5))
+    assert isinstance(compat.sequential_graph(model), compat.FunctionalModel)
+    seen = []
+    out = compat.run_through_graph(
+        functional, keras.ops.ones((1, 2)),
+        lambda op: (seen.append(op), op)[1])
+    assert tuple(out.shape) == (1, 1) and dense in seen
 
 
 def test_no_module_but_the_compat_one_imports_keras_src():
