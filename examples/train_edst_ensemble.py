@@ -105,7 +105,8 @@ def main(argv):
     keras.utils.set_random_seed(FLAGS.seed)
     with strategy.scope():
         model = training.prepare_model(build_model(), strategy)
-        optimizer = training.sparse_optimizer(FLAGS, seed=FLAGS.seed)
+        optimizer = training.sparse_optimizer(
+            FLAGS, seed=FLAGS.seed, global_exploration=True)
         model.compile(optimizer=optimizer, loss=training.loss(),
                       metrics=["accuracy"])
     timer = training.EpochTimer()

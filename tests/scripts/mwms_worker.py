@@ -115,6 +115,9 @@ def main(config_path):
                 keras.optimizers.SGD(0.05, momentum=0.9), sparsity=0.8,
                 grow=grow, drop_fraction=0.3,
                 update_interval=config["update_interval"], seed=3,
+                # Built in the strategy scope before fit: EDST's state must
+                # be there from construction.
+                global_exploration=name == "edst",
             )
             model.compile(
                 optimizer=opt,
@@ -133,7 +136,7 @@ def main(config_path):
             # (random regrowth, q = 0.8) starts epoch 3.
             edst = kft.EDSTCallback(
                 num_members=2, exploration_epochs=1, refinement_epochs=1,
-                member_dir=config["edst_dir"],
+                member_dir=config["edst_dir"], preset="official",
             )
             callbacks.insert(0, edst)
             epochs = edst.total_epochs
