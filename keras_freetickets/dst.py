@@ -9,6 +9,7 @@ import keras
 from keras_freetickets import members as members_lib
 from keras_freetickets._validation import check_int
 from keras_freetickets.member_checkpoint import MemberCheckpoint
+from keras_freetickets.members import missing_members  # noqa: F401 (dst API)
 from keras_freetickets.sparse_optimizer import SparseOptimizer
 
 MEMBER_INDEX_ENV = "KFT_MEMBER_INDEX"
@@ -210,14 +211,6 @@ def _member_metadata(opt, seed, epochs, sparsity):
                 "ever_active": overall["ever_active"]}
 
     return metadata
-
-
-def missing_members(member_dir, num_members):
-    """Indices of members whose files are not (yet) in `member_dir`."""
-    return [
-        i for i in range(num_members)
-        if not os.path.exists(members_lib.member_path(member_dir, i))
-    ]
 
 
 def _call_build(build_model, seed):

@@ -404,7 +404,7 @@ def wait_for_members(member_dir, num_members, timeout_s=3600.0, poll_s=5.0):
     deadline = time.monotonic() + float(timeout_s)
     while True:
         missing = (
-            _missing_members(member_dir, num_members)
+            missing_members(member_dir, num_members)
             if os.path.isdir(member_dir) else list(range(num_members))
         )
         if not missing:
@@ -424,7 +424,7 @@ def wait_for_members(member_dir, num_members, timeout_s=3600.0, poll_s=5.0):
         time.sleep(min(float(poll_s), left))
 
 
-def _missing_members(member_dir, num_members):
+def missing_members(member_dir, num_members):
     """Indices of members whose files are not (yet) in `member_dir`."""
     return [
         i for i in range(num_members)
