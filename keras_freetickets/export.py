@@ -91,6 +91,7 @@ from keras_freetickets._export_graph import _batched_plan
 from keras_freetickets._export_graph import _check_inputs
 from keras_freetickets._export_graph import _summaries
 from keras_freetickets._export_graph import _warn_dense_fallbacks
+from keras_freetickets._member_file import _fsync_dir
 
 INPUT_NAME = "inputs"
 """The name of the serving signatures' single input."""
@@ -424,16 +425,3 @@ def _fsync_tree(root):
             finally:
                 os.close(fd)
         _fsync_dir(folder)
-
-
-def _fsync_dir(folder):
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
