@@ -7,6 +7,8 @@ See `keras_freetickets.members` for the format; the weights' encoding is
 import json
 import os
 import re
+import socket
+import uuid
 import zipfile
 
 import numpy as np
@@ -23,16 +25,39 @@ _METADATA = "metadata.json"
 _MEMBER_NAME = re.compile(r"^member_(\d+)" + re.escape(MEMBER_EXTENSION) + r"$")
 
 
+def temporary_name(name):
+    """The name a write of `name` goes to first: it names this host and
+    process, so a cleanup can tell a dead writer's leftovers from a live
+    writer's file (two workers may write the same member at once)."""
+    host = socket.gethostname().replace(".", "_")
+    return f".{name}.{host}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
+
+
 def _remove_stale_temporaries(folder, name):
-    """Removes the temporary files that a killed write of `name` left (one
-    writer per member file at a time, so none of them is in use)."""
+    """Removes the temporary files that killed writes of `name` on this host
+    left; a live process's file is left alone."""
     prefix = f".{name}."
+    host = socket.gethostname().replace(".", "_")
     for entry in os.listdir(folder):
-        if entry.startswith(prefix) and entry.endswith(".tmp"):
-            try:
-                os.remove(os.path.join(folder, entry))
-            except OSError:
-                pass
+        if not (entry.startswith(prefix) and entry.endswith(".tmp")):
+            continue
+        parts = entry[len(prefix):].split(".")
+        if len(parts) == 4 and (parts[0] != host or _alive(parts[1])):
+            continue
+        try:
+            os.remove(os.path.join(folder, entry))
+        except OSError:
+            pass
+
+
+def _alive(pid):
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 # Entries carry a fixed timestamp, so that the same model and metadata give

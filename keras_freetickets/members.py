@@ -43,7 +43,6 @@ timestamp, so the same model and metadata give the same bytes. Members of an ens
 import json
 import os
 import time
-import uuid
 import zipfile
 
 import keras
@@ -64,6 +63,7 @@ from keras_freetickets._member_file import MEMBER_EXTENSION
 from keras_freetickets._member_file import _fsync_dir
 from keras_freetickets._member_file import _json_default
 from keras_freetickets._member_file import _open_member
+from keras_freetickets._member_file import temporary_name
 from keras_freetickets._member_file import _read_json
 from keras_freetickets._member_file import _read_manifest
 from keras_freetickets._member_file import _read_weights
@@ -166,7 +166,7 @@ def save_member(model, path, metadata=None, overwrite=False):
 
     folder = os.path.dirname(os.path.abspath(path))
     tmp_path = os.path.join(
-        folder, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp"
+        folder, temporary_name(os.path.basename(path))
     )
     try:
         os.makedirs(folder, exist_ok=True)

@@ -376,3 +376,27 @@ def test_mask_overlap_of_models_files_and_pairwise(tmp_path):
 
     with pytest.raises(ValueError, match="same shapes"):
         members_lib.mask_overlap(models[0], _mlp(0.8))
+
+
+def test_a_live_writers_temporary_file_is_left_alone(tmp_path):
+    """Two workers may save the same member at once: a save removes the
+    temporaries of dead writers only (it used to remove the other worker's
+    file mid-write, which failed that worker's rename)."""
+    import socket
+    import subprocess
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    host = socket.gethostname().replace(".", "_")
+    live = subprocess.Popen(["sleep", "30"])
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    try:
+        live_tmp = tmp_path / f".member_0.kftm.{host}.{live.pid}.aa.tmp"
+        dead_tmp = tmp_path / f".member_0.kftm.{host}.{dead.pid}.bb.tmp"
+        for path in (live_tmp, dead_tmp):
+            path.write_text("partial")
+        members_lib.save_member(model, members_lib.member_path(tmp_path, 0))
+        assert live_tmp.exists() and not dead_tmp.exists()
+    finally:
+        live.kill()
