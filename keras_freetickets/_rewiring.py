@@ -16,8 +16,10 @@ def update_layer(opt, layer, variable, mask, gradient, step, is_global):
     context = updaters.UpdateContext(
         seed=opt.seed, layer_index=layer.index, step=step, size=layer.size
     )
-    weights = tf.reshape(tf.convert_to_tensor(variable), [-1])
-    flat_gradient = tf.reshape(tf.convert_to_tensor(gradient), [-1])
+    # The static size keeps every shape known (an embedding's IndexedSlices
+    # gradient converts to a tensor of unknown shape).
+    weights = tf.reshape(tf.convert_to_tensor(variable), [layer.size])
+    flat_gradient = tf.reshape(tf.convert_to_tensor(gradient), [layer.size])
 
     def local_score():
         return opt.updater.grow_score(weights, flat_gradient, context)
