@@ -321,6 +321,36 @@ def test_fit_with_jit_and_steps_per_execution():
     assert opt.check_invariants() == []
 
 
+def test_first_fit_builds_eagerly_and_traces_each_update_once(monkeypatch):
+    """Without a strategy Keras builds the optimizer inside the first train
+    step and TensorFlow traces that step twice. The build runs eagerly and
+    each layer's update is traced once, into a function both traces call
+    (the first step's cost, benchmarks/end_to_end.py)."""
+    from keras_freetickets import _rewiring
+
+    eager_builds, traced = [], []
+    real_build, real_update = kft.SparseOptimizer.build, _rewiring.update_layer
+
+    def build(self, var_list):
+        eager_builds.append(tf.executing_eagerly())
+        return real_build(self, var_list)
+
+    def update_layer(opt, layer, *args):
+        traced.append(layer.index)
+        return real_update(opt, layer, *args)
+
+    monkeypatch.setattr(kft.SparseOptimizer, "build", build)
+    monkeypatch.setattr(_rewiring, "update_layer", update_layer)
+    model = mlp()
+    opt = compile_sparse(model, sparsity=0.8, update_interval=2, seed=0)
+    x, y = data(64)
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    assert eager_builds == [True]
+    assert sorted(traced) == list(range(len(opt.get_masks())))
+    assert int(opt.mask_updates.numpy()) >= 1  # the traced program ran
+    assert opt.check_invariants() == []
+
+
 def test_overrides_keep_a_layer_dense_and_others_compensate():
     model = mlp((8, 64, 64, 3))
     first = model.layers[0].name
