@@ -77,8 +77,8 @@ QUICK = dict(repeats=2, predict_examples={"mlp": 1024, "cnn": 1024},
 STORAGE_VARIANTS = (
     ("dense storage", dict(compact=False)),
     ("compact, rebuilt + folded at load (default)", dict()),
-    ("compact variables, rebuilt every call", dict(_kernel_mode="rebuild_variables")),
-    ("compact, sparse matmul (Dense layers)", dict(_kernel_mode="sparse_matmul")),
+    ("compact variables, rebuilt every call", dict(kernel_mode="rebuild_variables")),
+    ("compact, sparse matmul (Dense layers)", dict(kernel_mode="sparse_matmul")),
 )
 
 FLAGS = flags.FLAGS
