@@ -35,7 +35,6 @@ Writes `faults.md` (the table) and `faults.json` (every trial) to
 Flags are checked before TensorFlow is imported.
 """
 
-import datetime
 import hashlib
 import json
 import os
@@ -46,10 +45,12 @@ import subprocess
 import sys
 import time
 
+import common  # first: sets what TensorFlow reads at import, and sys.path
+
 from absl import app
 from absl import flags
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = common.REPO
 CLASSES = ("kills", "inputs", "numeric", "storage", "concurrency", "serving")
 SCENARIOS = ("edst", "dst")
 ROW_CLASS = {"kills": "kill", "inputs": "malformed input", "numeric": "numeric",
@@ -1718,10 +1719,9 @@ def write_report(out_dir, rows, details, settings, seconds):
     out_dir.mkdir(parents=True, exist_ok=True)
     counts = summary_counts(rows)
     record = dict(
-        benchmark="faults", date=datetime.datetime.now(datetime.timezone.utc).isoformat(
-            timespec="seconds"),
+        benchmark="faults", date=common.utc_now(),
         machine=platform.machine(), cpu_count=os.cpu_count(), versions=_versions(),
-        command="python benchmarks/faults.py " + " ".join(sys.argv[1:]),
+        command=common.command_line("faults"),
         settings=settings, wall_seconds=round(seconds, 1), summary=counts,
         rows=rows, details=details)
     (out_dir / "faults.json").write_text(json.dumps(record, indent=1, default=str))
