@@ -47,31 +47,22 @@ Of `fmnist_table.py`'s flags (defined when it is imported) only `--out`,
 """
 
 import copy
-import datetime
 import json
 import os
 import pathlib
-import platform
 import shutil
 import sys
 import tempfile
 import time
 import warnings
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+import common  # first: sets what TensorFlow reads at import, and sys.path
 
-from absl import app  # noqa: E402
-from absl import flags  # noqa: E402
+from absl import app
+from absl import flags
 
-HERE = pathlib.Path(__file__).resolve().parent
-REPO = HERE.parent
-for _path in (str(HERE), str(REPO)):
-    if _path not in sys.path:
-        sys.path.append(_path)
-
-import corruptions  # noqa: E402
-import fmnist_table as ft  # noqa: E402
+import corruptions
+import fmnist_table as ft
 
 EXPERIMENTS = ("robustness", "diversity", "q", "p_interval")
 BUDGETS = {
@@ -817,20 +808,6 @@ def plot(experiment, result, config, path):
 
 
 # ------------------------------------------------------------------- main
-def environment_info(argv):
-    import keras
-    import tensorflow as tf
-
-    return dict(
-        date=datetime.datetime.now().strftime("%Y-%m-%d"),
-        machine=f"{os.cpu_count()}-core CPU ({platform.machine()}, "
-                f"{platform.system()}), shared with other jobs",
-        python=platform.python_version(), keras=keras.__version__,
-        tensorflow=tf.__version__,
-        command="python benchmarks/ablations.py " + " ".join(argv[1:]),
-    )
-
-
 def run_experiments(experiments, budget, out, readme=None, work_dir=None,
                     argv=None, l2=ft.L2):
     """Runs the experiments in order, writing each one's files when done.
@@ -854,7 +831,7 @@ def run_experiments(experiments, budget, out, readme=None, work_dir=None,
                          f"{list(EXPERIMENTS)}. Received: {experiments}")
     warnings.filterwarnings("ignore", message=".*`shuffle=True` was passed")
     config = make_config(budget, l2)
-    environment = environment_info(argv or sys.argv)
+    environment = common.environment_info("ablations", argv, shared=True)
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)
     temp = work_dir is None

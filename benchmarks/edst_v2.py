@@ -44,22 +44,15 @@ import json
 import math
 import os
 import pathlib
-import sys
 import tempfile
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+import common  # first: sets what TensorFlow reads at import, and sys.path
 
-from absl import app  # noqa: E402
-from absl import flags  # noqa: E402
+from absl import app
+from absl import flags
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.append(str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
-
-import protocols  # noqa: E402
+import protocols
 
 # EDSTCallback's paper-code levers (keras_freetickets.edst.OFFICIAL_LEVERS),
 # written out so that this module needs no TensorFlow to parse its flags.
@@ -440,7 +433,7 @@ def _header(title, command, seconds):
     import tensorflow as tf
 
     return (f"## {title}\n\nMeasured {datetime.date.today()} on "
-            f"{protocols.machine_description()} (Keras {keras.__version__}, "
+            f"{common.machine_description()} (Keras {keras.__version__}, "
             f"TensorFlow {tf.__version__}) by `{command}` "
             f"({seconds / 60:.0f} min of training in this process; cached "
             "runs are not retrained).\n")
@@ -643,7 +636,7 @@ def main(argv):
     _validate(FLAGS)
     cache = pathlib.Path(FLAGS.cache_dir) / ("quick" if FLAGS.quick else "")
     out = pathlib.Path(FLAGS.out)
-    command = "python benchmarks/edst_v2.py " + " ".join(sys.argv[1:])
+    command = common.command_line("edst_v2")
     if FLAGS.runs:
         for protocol in ("mlp", "cnn"):
             runs = [r for r in FLAGS.runs

@@ -36,30 +36,17 @@ TF_CPP_MIN_LOG_LEVEL=2 .venv/bin/python benchmarks/end_to_end.py --quick
 ```
 """
 
-import datetime
-import json
-import os
-import pathlib
-import platform
 import statistics
-import sys
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+import common  # first: sets what TensorFlow reads at import, and sys.path
 
-from absl import app  # noqa: E402
-from absl import flags  # noqa: E402
+from absl import app
+from absl import flags
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.append(str(REPO))
-if str(REPO / "benchmarks") not in sys.path:
-    sys.path.append(str(REPO / "benchmarks"))
+import protocols
 
-import protocols  # noqa: E402
-
-MODELS = {"mlp": "FMNIST-MLP v1", "cnn": "FMNIST-CNN v1"}
+MODELS = protocols.PROTOCOL_NAMES
 BATCH_SIZE = 128
 SPARSITY = 0.8
 LEARNING_RATE = 0.05
@@ -89,19 +76,8 @@ flags.DEFINE_bool("quick", False,
 
 def _validate_flags():
     """Checks the flags before TensorFlow is imported (fails in a second)."""
-    models = [m.strip() for m in FLAGS.models if m.strip()]
-    if not models:
-        raise app.UsageError("Flag --models must name at least one model.")
-    for m in models:
-        if m not in MODELS:
-            raise app.UsageError(
-                f"Flag --models must list names in {sorted(MODELS)}. "
-                f"Received: {m!r}"
-            )
-    for name in ("pairs", "mlp_epochs", "cnn_epochs"):
-        value = FLAGS[name].value
-        if value < 1:
-            raise app.UsageError(f"Flag --{name} must be >= 1. Received: {value}")
+    models = common.parse_models(FLAGS.models)
+    common.require_at_least(FLAGS, ("pairs", "mlp_epochs", "cnn_epochs"))
     return models
 
 
@@ -468,23 +444,10 @@ def run_benchmark(models):
 
 
 def write_report(models, results, pairs, use_xla, start, echo=False):
-    import keras
-    import tensorflow as tf
-
-    import keras_freetickets as kft
-
     report = dict(
-        benchmark="end_to_end",
-        protocols=[MODELS[m] for m in models] + ["End to end"],
-        machine=protocols.machine_description(),
-        cpu_count=os.cpu_count(),
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(
-            timespec="seconds"),
-        versions=dict(tensorflow=tf.__version__, keras=keras.__version__,
-                      python=platform.python_version(),
-                      keras_freetickets=kft.__version__),
-        library_path=str(pathlib.Path(kft.__file__).parent),
-        command=" ".join(["python", "benchmarks/end_to_end.py"] + sys.argv[1:]),
+        **common.report_header("end_to_end",
+                               [MODELS[m] for m in models] + ["End to end"],
+                               library_path=True),
         settings=dict(
             batch_size=BATCH_SIZE, sparsity=SPARSITY, distribution="erk",
             grow="gradient", drop_fraction=0.5, update_interval=_update_interval(),
@@ -497,19 +460,13 @@ def write_report(models, results, pairs, use_xla, start, echo=False):
         results=results,
         wall_seconds=time.time() - start,
     )
-    out = pathlib.Path(FLAGS.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "end_to_end.json").write_text(json.dumps(report, indent=2) + "\n")
-    markdown = render_markdown(report)
-    (out / "end_to_end.md").write_text(markdown)
-    if echo:
-        print(markdown)
+    common.write_report(FLAGS.out, "end_to_end", report, render_markdown(report),
+                        echo=echo)
     return report
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    common.no_arguments(argv)
     models = _validate_flags()
     run_benchmark(models)
 

@@ -35,7 +35,6 @@ Writes `faults.md` (the table) and `faults.json` (every trial) to
 Flags are checked before TensorFlow is imported.
 """
 
-import datetime
 import hashlib
 import json
 import os
@@ -46,10 +45,12 @@ import subprocess
 import sys
 import time
 
+import common  # first: sets what TensorFlow reads at import, and sys.path
+
 from absl import app
 from absl import flags
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = common.REPO
 CLASSES = ("kills", "inputs", "numeric", "storage", "concurrency", "serving")
 SCENARIOS = ("edst", "dst")
 ROW_CLASS = {"kills": "kill", "inputs": "malformed input", "numeric": "numeric",
@@ -1085,10 +1086,24 @@ def terminate_on_nan_fault(tmp, nan_epoch):
     restored.compile(kft.SparseOptimizer(keras.optimizers.SGD(0.05), sparsity=0.7,
                                          update_interval=2, seed=0),
                      keras.losses.SparseCategoricalCrossentropy(True))
-    again = kft.BackupAndRestore(str(tmp / "backup"))
-    again.set_model(restored)
-    again.on_train_begin()
-    finite = all(np.isfinite(w).all() for w in restored.get_weights())
+
+    class FirstEpoch(keras.callbacks.Callback):
+        """Notes the epoch the resumed fit starts at and the restored
+        weights, then ends the fit before it trains a step."""
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.epoch = epoch
+            self.finite = all(np.isfinite(w).all() for w in self.model.get_weights())
+            raise _ResumeSeen
+
+    first = FirstEpoch()
+    try:
+        restored.fit(x, y, batch_size=8, epochs=edst.total_epochs, shuffle=False,
+                     verbose=0, callbacks=[kft.BackupAndRestore(str(tmp / "backup")),
+                                           first])
+    except _ResumeSeen:
+        pass
+    finite = first.finite
     nan_members = []
     if (tmp / "members").exists():
         for path in sorted((tmp / "members").glob("member_*.kftm")):
@@ -1096,10 +1111,14 @@ def terminate_on_nan_fault(tmp, nan_epoch):
             if any(np.isnan(a).any() for a in arrays.values()):
                 nan_members.append(path.name)
     return dict(epochs_run=history.epoch, stopped=len(history.epoch) < edst.total_epochs,
-                backup_epoch=restored._initial_epoch, backup_finite=finite,
+                backup_epoch=first.epoch, backup_finite=finite,
                 nan_members=nan_members,
                 ok=(len(history.epoch) == nan_epoch + 1 and finite
-                    and restored._initial_epoch == nan_epoch and not nan_members))
+                    and first.epoch == nan_epoch and not nan_members))
+
+
+class _ResumeSeen(Exception):
+    """Ends a resumed fit at its first epoch (see `terminate_on_nan_fault`)."""
 
 
 def numeric_faults(tmp):
@@ -1196,7 +1215,33 @@ class _FailAfter:
         return self.real(*args, **kwargs)
 
 
+class _OwnLibc:
+    """A stand-in for `ctypes.CDLL` that fakes the process's own C library
+    (`CDLL(None)`), where the export finds `renameat2`: with `errno_=None` it
+    cannot be opened (the export then replaces an old version in two
+    renames), otherwise its renameat2 fails with `errno_`. Other libraries
+    load as usual."""
+
+    def __init__(self, real, errno_=None):
+        self.real, self.errno = real, errno_
+
+    def __call__(self, name, *args, **kwargs):
+        if name is not None:
+            return self.real(name, *args, **kwargs)
+        if self.errno is None:
+            raise OSError("no renameat2 here (fault injection)")
+        import ctypes
+        import types
+
+        def renameat2(*call_args):
+            ctypes.set_errno(self.errno)
+            return -1
+
+        return types.SimpleNamespace(renameat2=renameat2)
+
+
 def storage_faults(tmp):
+    import ctypes
     import errno
     import zipfile
 
@@ -1205,7 +1250,6 @@ def storage_faults(tmp):
     import tensorflow as tf
 
     import keras_freetickets as kft
-    from keras_freetickets import export as export_lib
     from keras_freetickets import members as members_lib
 
     tmp = pathlib.Path(tmp) / "storage"
@@ -1265,10 +1309,12 @@ def storage_faults(tmp):
     old_hash = _tree_hash(old_export)
 
     def export_case(fault, overwrite_existing, patch_obj, patch_name, n, errno_,
-                    before=True, tf_error=False, no_exchange=False):
+                    before=True, tf_error=False, no_exchange=False, swap_error=False):
         path = old_export if overwrite_existing else tmp / "serving" / "2"
         real = getattr(patch_obj, patch_name)
         fail = _FailAfter(real, n, errno_, before).as_function()
+        if swap_error:  # the C library's renameat2 fails with `errno_`
+            fail = _OwnLibc(real, errno_)
         if tf_error:
             def fail_in_tf(*args, **kwargs):  # TF's own error type
                 real(*args, **kwargs)
@@ -1278,8 +1324,8 @@ def storage_faults(tmp):
         import contextlib
 
         with contextlib.ExitStack() as stack:
-            if no_exchange:  # a file system without renameat2's exchange
-                stack.enter_context(_Patched(export_lib, "_exchange", lambda a, b: False))
+            if no_exchange:  # a system without renameat2's exchange
+                stack.enter_context(_Patched(ctypes, "CDLL", _OwnLibc(ctypes.CDLL)))
             stack.enter_context(_Patched(patch_obj, patch_name, fail))
             try:
                 ensemble.export(str(path), overwrite=overwrite_existing)
@@ -1308,7 +1354,7 @@ def storage_faults(tmp):
     export_case("ENOSPC midway through overwriting an export", True,
                 tf.saved_model, "save", 1, errno.ENOSPC, before=False)
     export_case("EIO on the atomic swap of the new and the old export (overwrite)",
-                True, export_lib, "_exchange", 1, errno.EIO)
+                True, ctypes, "CDLL", 1, errno.EIO, swap_error=True)
     export_case("EIO moving the old export aside (overwrite, two-rename fallback)",
                 True, os, "rename", 1, errno.EIO, no_exchange=True)
     export_case("EIO renaming the new export into place (overwrite, two-rename "
@@ -1323,8 +1369,9 @@ def storage_faults(tmp):
     folder = tmp / "backup"
     backup_lib.write_checkpoint(model, folder, {"epoch": 1})
     old_hash = _tree_hash(folder)
-    with _Patched(backup_lib, "_write_file", _FailAfter(backup_lib._write_file, 1,
-                                                        errno.ENOSPC)):
+    # The first fsync of a checkpoint is the one of its metadata file, the
+    # last file written into the temporary checkpoint folder.
+    with _Patched(os, "fsync", _FailAfter(os.fsync, 1, errno.ENOSPC).as_function()):
         try:
             backup_lib.write_checkpoint(model, folder, {"epoch": 2})
             error = None
@@ -1672,10 +1719,9 @@ def write_report(out_dir, rows, details, settings, seconds):
     out_dir.mkdir(parents=True, exist_ok=True)
     counts = summary_counts(rows)
     record = dict(
-        benchmark="faults", date=datetime.datetime.now(datetime.timezone.utc).isoformat(
-            timespec="seconds"),
+        benchmark="faults", date=common.utc_now(),
         machine=platform.machine(), cpu_count=os.cpu_count(), versions=_versions(),
-        command="python benchmarks/faults.py " + " ".join(sys.argv[1:]),
+        command=common.command_line("faults"),
         settings=settings, wall_seconds=round(seconds, 1), summary=counts,
         rows=rows, details=details)
     (out_dir / "faults.json").write_text(json.dumps(record, indent=1, default=str))

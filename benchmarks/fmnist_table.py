@@ -41,12 +41,10 @@ TF_CPP_MIN_LOG_LEVEL=2 .venv/bin/python benchmarks/fmnist_table.py --quick \
 ```
 """
 
-import datetime
 import json
 import math
 import os
 import pathlib
-import platform
 import re
 import shutil
 import subprocess
@@ -55,20 +53,12 @@ import tempfile
 import time
 import warnings
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+import common  # first: sets what TensorFlow reads at import, and sys.path
 
-from absl import app  # noqa: E402
-from absl import flags  # noqa: E402
+from absl import app
+from absl import flags
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-# The checkout's library, unless another copy comes first on PYTHONPATH.
-if str(REPO) not in sys.path:
-    sys.path.append(str(REPO))
-if str(REPO / "benchmarks") not in sys.path:
-    sys.path.append(str(REPO / "benchmarks"))
-
-import protocols  # noqa: E402
+import protocols
 
 PROTOCOLS = {
     "mlp": dict(
@@ -540,7 +530,7 @@ def train_tfmot(config, work_dir):
     shutil.rmtree(out, ignore_errors=True)
     command = [
         FLAGS.tfmot_python or sys.executable,
-        str(REPO / "benchmarks" / "tfmot_baseline.py"),
+        str(common.HERE / "tfmot_baseline.py"),
         f"--protocol={config['protocol']}", f"--epochs={config['epochs']}",
         f"--train_examples={config['train_examples']}",
         f"--seeds={','.join(str(s) for s in config['seeds'])}",
@@ -554,7 +544,7 @@ def train_tfmot(config, work_dir):
     env = dict(os.environ, TF_USE_LEGACY_KERAS="1",
                TF_CPP_MIN_LOG_LEVEL=os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"))
     env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(REPO), env.get("PYTHONPATH")) if p
+        p for p in (str(common.REPO), env.get("PYTHONPATH")) if p
     )
     start = time.perf_counter()
     proc = subprocess.run(command, env=env, stdout=subprocess.PIPE,
@@ -956,20 +946,6 @@ def run(config, work_dir):
     return rows, runs, timings
 
 
-def environment_info(argv):
-    import keras
-    import tensorflow as tf
-
-    return dict(
-        date=datetime.datetime.now().strftime("%Y-%m-%d"),
-        machine=f"{os.cpu_count()}-core CPU ({platform.machine()}, "
-                f"{platform.system()})",
-        python=platform.python_version(), keras=keras.__version__,
-        tensorflow=tf.__version__, cpu_count=os.cpu_count(),
-        command="python benchmarks/fmnist_table.py " + " ".join(argv[1:]),
-    )
-
-
 def render(config):
     """Rewrites the markdown and README block from a saved JSON result."""
     out = pathlib.Path(FLAGS.out)
@@ -990,7 +966,7 @@ def main(argv):
     config = resolve_config(FLAGS)
     if FLAGS.render_only:
         return render(config)
-    environment = environment_info(sys.argv)
+    environment = common.environment_info("fmnist_table")
     environment["load_average_start"] = list(os.getloadavg())
     print(f"[config] {json.dumps(config)}", flush=True)
     work_dir = FLAGS.work_dir or tempfile.mkdtemp(prefix="kft_fmnist_")

@@ -1,9 +1,7 @@
-"""Pieces shared by the benchmark scripts: the protocols' models (see
-shared/BENCHMARK.md, "FMNIST-MLP v1" and "FMNIST-CNN v1") and the machine
-line every report carries. No flags here, so any script may import it."""
-
-import os
-import platform
+"""The protocols' models, shared by the benchmark scripts (see
+shared/BENCHMARK.md, "FMNIST-MLP v1" and "FMNIST-CNN v1"). No flags here, so
+any script may import it; the start and the report that every script shares
+are in `common.py`."""
 
 PROTOCOL_NAMES = {"mlp": "FMNIST-MLP v1", "cnn": "FMNIST-CNN v1"}
 L2 = 5e-4
@@ -44,17 +42,3 @@ def build_model(protocol, seed=None, l2=L2, softmax=False):
         layers.Dense(128, activation="relu", kernel_regularizer=reg),
         head,
     ], name="fmnist_cnn_v1")
-
-
-def machine_description():
-    """'<n>-core CPU (<model name>), shared with other jobs'."""
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{os.cpu_count()}-core CPU ({model}), shared with other jobs"

@@ -21,30 +21,17 @@ TF_CPP_MIN_LOG_LEVEL=2 .venv/bin/python benchmarks/selection_speed.py
 ```
 """
 
-import datetime
-import json
-import os
-import pathlib
-import platform
 import statistics
-import sys
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+import common  # first: sets what TensorFlow reads at import, and sys.path
 
-from absl import app  # noqa: E402
-from absl import flags  # noqa: E402
+from absl import app
+from absl import flags
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.append(str(REPO))
-if str(REPO / "benchmarks") not in sys.path:
-    sys.path.append(str(REPO / "benchmarks"))
+import protocols
 
-import protocols  # noqa: E402
-
-MODELS = {"mlp": "FMNIST-MLP v1", "cnn": "FMNIST-CNN v1"}
+MODELS = protocols.PROTOCOL_NAMES
 SPARSITY = 0.8
 DROP_FRACTION = 0.5
 
@@ -195,20 +182,9 @@ def render_markdown(report):
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    models = [m.strip() for m in FLAGS.models if m.strip()]
-    for m in models:
-        if m not in MODELS:
-            raise app.UsageError(
-                f"Flag --models must list names in {sorted(MODELS)}. Received: {m!r}"
-            )
-    for flag in ("rounds", "calls"):
-        if FLAGS[flag].value < 1:
-            raise app.UsageError(f"Flag --{flag} must be >= 1. Received: {FLAGS[flag].value}")
-    import keras
-    import tensorflow as tf
-
+    common.no_arguments(argv)
+    models = common.parse_models(FLAGS.models)
+    common.require_at_least(FLAGS, ("rounds", "calls"))
     start = time.time()
     rows = []
     for name in models:
@@ -220,24 +196,13 @@ def main(argv):
                 print(f"[selection] {MODELS[name]} {path} xla={jit}: "
                       f"{row['speedup']:.2f}x", flush=True)
     report = dict(
-        benchmark="selection_speed",
-        protocols=[MODELS[m] for m in models],
-        machine=protocols.machine_description(),
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        versions=dict(tensorflow=tf.__version__, keras=keras.__version__,
-                      python=platform.python_version()),
-        command=" ".join(["python", "benchmarks/selection_speed.py"] + sys.argv[1:]),
+        **common.report_header("selection_speed", [MODELS[m] for m in models]),
         settings=dict(sparsity=SPARSITY, drop_fraction=DROP_FRACTION,
                       rounds=FLAGS.rounds, calls=FLAGS.calls),
         rows=rows,
         wall_seconds=time.time() - start,
     )
-    out = pathlib.Path(FLAGS.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "selection_speed.json").write_text(json.dumps(report, indent=2) + "\n")
-    markdown = render_markdown(report)
-    (out / "selection_speed.md").write_text(markdown)
-    print(markdown)
+    common.write_report(FLAGS.out, "selection_speed", report, render_markdown(report))
 
 
 if __name__ == "__main__":

@@ -22,32 +22,23 @@ TF_CPP_MIN_LOG_LEVEL=2 .venv/bin/python benchmarks/serving_latency.py \
 ```
 """
 
-import datetime
 import json
 import os
 import pathlib
-import platform
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+import common  # first: sets what TensorFlow reads at import, and sys.path
 
-from absl import app  # noqa: E402
-from absl import flags  # noqa: E402
+from absl import app
+from absl import flags
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.append(str(REPO))
-if str(REPO / "benchmarks") not in sys.path:
-    sys.path.append(str(REPO / "benchmarks"))
+import protocols
 
-import protocols  # noqa: E402
-
-MODELS = {"mlp": "FMNIST-MLP v1", "cnn": "FMNIST-CNN v1"}
+MODELS = protocols.PROTOCOL_NAMES
 NUM_MEMBERS = 3
 SPARSITY = 0.8
 BATCHES = (1, 64)
@@ -65,19 +56,8 @@ flags.DEFINE_string("child", None, "Internal: JSON spec of a timing run.")
 
 
 def _validate_flags():
-    models = [m.strip() for m in FLAGS.models if m.strip()]
-    for m in models:
-        if m not in MODELS:
-            raise app.UsageError(
-                f"Flag --models must list names in {sorted(MODELS)}. Received: {m!r}"
-            )
-    if not models:
-        raise app.UsageError("Flag --models must name at least one model.")
-    for name in ("rounds", "calls"):
-        if FLAGS[name].value < 1:
-            raise app.UsageError(
-                f"Flag --{name} must be >= 1. Received: {FLAGS[name].value}"
-            )
+    models = common.parse_models(FLAGS.models)
+    common.require_at_least(FLAGS, ("rounds", "calls"))
     return models
 
 
@@ -275,14 +255,8 @@ def run_benchmark(models):
     finally:
         shutil.rmtree(work, ignore_errors=True)
     report = dict(
-        benchmark="serving_latency",
-        protocols=[MODELS[m] for m in models] + ["Serving latency"],
-        machine=protocols.machine_description(),
-        cpu_count=os.cpu_count(),
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        versions=dict(tensorflow=tf.__version__, keras=keras.__version__,
-                      python=platform.python_version()),
-        command=" ".join(["python", "benchmarks/serving_latency.py"] + sys.argv[1:]),
+        **common.report_header("serving_latency",
+                               [MODELS[m] for m in models] + ["Serving latency"]),
         settings=dict(num_members=NUM_MEMBERS, sparsity=SPARSITY,
                       batches=list(BATCHES), rounds=rounds, calls=calls,
                       quick=FLAGS.quick),
@@ -290,18 +264,12 @@ def run_benchmark(models):
         results=results,
         wall_seconds=time.time() - start,
     )
-    out = pathlib.Path(FLAGS.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "serving_latency.json").write_text(json.dumps(report, indent=2) + "\n")
-    markdown = render_markdown(report)
-    (out / "serving_latency.md").write_text(markdown)
-    print(markdown)
+    common.write_report(FLAGS.out, "serving_latency", report, render_markdown(report))
     return report
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    common.no_arguments(argv)
     if FLAGS.child:
         child_main(FLAGS.child)
         return

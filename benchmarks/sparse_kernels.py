@@ -32,30 +32,17 @@ TF_CPP_MIN_LOG_LEVEL=2 .venv/bin/python benchmarks/sparse_kernels.py --quick
 ```
 """
 
-import datetime
-import json
-import os
-import pathlib
-import platform
 import statistics
-import sys
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+import common  # first: sets what TensorFlow reads at import, and sys.path
 
-from absl import app  # noqa: E402
-from absl import flags  # noqa: E402
+from absl import app
+from absl import flags
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.append(str(REPO))
-if str(REPO / "benchmarks") not in sys.path:
-    sys.path.append(str(REPO / "benchmarks"))
+import protocols
 
-import protocols  # noqa: E402
-
-MODELS = {"mlp": "FMNIST-MLP v1", "cnn": "FMNIST-CNN v1"}
+MODELS = protocols.PROTOCOL_NAMES
 SPARSITIES = (0.8, 0.9)
 PATHS = ("dense", "tf.sparse", "gather")
 ATOL = 1e-4
@@ -72,16 +59,8 @@ flags.DEFINE_bool("quick", False, "Smoke run: 2 rounds, batch 1 and 8.")
 
 
 def _validate_flags():
-    models = [m.strip() for m in FLAGS.models if m.strip()]
-    for m in models:
-        if m not in MODELS:
-            raise app.UsageError(
-                f"Flag --models must list names in {sorted(MODELS)}. Received: {m!r}"
-            )
-    if not models:
-        raise app.UsageError("Flag --models must name at least one model.")
-    if FLAGS.rounds < 1:
-        raise app.UsageError(f"Flag --rounds must be >= 1. Received: {FLAGS.rounds}")
+    models = common.parse_models(FLAGS.models)
+    common.require_at_least(FLAGS, ["rounds"])
     return models
 
 
@@ -375,12 +354,8 @@ def render_markdown(report):
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    common.no_arguments(argv)
     models = _validate_flags()
-    import keras
-    import tensorflow as tf
-
     start = time.time()
     batches = (1, 8) if FLAGS.quick else (1, 128)
     rounds = 2 if FLAGS.quick else FLAGS.rounds
@@ -400,25 +375,13 @@ def main(argv):
                       f"tf.sparse {f['tf.sparse']['speedup']:.2f}x, gather "
                       f"{f['gather']['speedup']:.2f}x", flush=True)
     report = dict(
-        benchmark="sparse_kernels",
-        protocols=[MODELS[m] for m in models],
-        machine=protocols.machine_description(),
-        cpu_count=os.cpu_count(),
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        versions=dict(tensorflow=tf.__version__, keras=keras.__version__,
-                      python=platform.python_version()),
-        command=" ".join(["python", "benchmarks/sparse_kernels.py"] + sys.argv[1:]),
+        **common.report_header("sparse_kernels", [MODELS[m] for m in models]),
         settings=dict(sparsities=list(SPARSITIES), distribution="erk",
                       batches=list(batches), rounds=rounds, quick=FLAGS.quick),
         rows=rows,
         wall_seconds=time.time() - start,
     )
-    out = pathlib.Path(FLAGS.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "sparse_kernels.json").write_text(json.dumps(report, indent=2) + "\n")
-    markdown = render_markdown(report)
-    (out / "sparse_kernels.md").write_text(markdown)
-    print(markdown)
+    common.write_report(FLAGS.out, "sparse_kernels", report, render_markdown(report))
 
 
 if __name__ == "__main__":

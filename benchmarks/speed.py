@@ -31,32 +31,22 @@ TF_CPP_MIN_LOG_LEVEL=2 .venv/bin/python benchmarks/speed.py --quick
 ```
 """
 
-import datetime
 import json
 import os
 import pathlib
-import platform
 import resource
 import subprocess
 import sys
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+import common  # first: sets what TensorFlow reads at import, and sys.path
 
-from absl import app  # noqa: E402
-from absl import flags  # noqa: E402
+from absl import app
+from absl import flags
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-# The checkout's library, unless another copy comes first on PYTHONPATH.
-if str(REPO) not in sys.path:
-    sys.path.append(str(REPO))
-if str(REPO / "benchmarks") not in sys.path:
-    sys.path.append(str(REPO / "benchmarks"))
+import protocols
 
-import protocols  # noqa: E402
-
-MODELS = {"mlp": "FMNIST-MLP v1", "cnn": "FMNIST-CNN v1"}
+MODELS = protocols.PROTOCOL_NAMES
 ARMS = ("dense", "sparse", "update")
 BATCH_SIZE = 128
 SPARSITY = 0.8
@@ -366,10 +356,6 @@ def measure_rss(name, jit_compile, steps):
 
 
 # ----------------------------------------------------------------- report
-def machine_description():
-    return protocols.machine_description()
-
-
 def _fmt(x, digits=2):
     return f"{x:.{digits}f}"
 
@@ -441,20 +427,14 @@ def render_markdown(report):
 
 
 def run_benchmark():
+    quick = FLAGS.quick
+    models = common.parse_models(FLAGS.models)
+    for flag in ("repeats", "steps_per_block"):
+        if FLAGS[flag].value is not None:
+            common.require_at_least(FLAGS, [flag])
     import keras
-    import tensorflow as tf
-
-    import keras_freetickets as kft
 
     start = time.time()
-    quick = FLAGS.quick
-    models = [m.strip() for m in FLAGS.models if m.strip()]
-    for m in models:
-        if m not in MODELS:
-            raise app.UsageError(
-                f"Flag --models must list names in {sorted(MODELS)}. "
-                f"Received: {m!r}"
-            )
     steps = dict(QUICK["steps"] if quick else STEPS_PER_BLOCK)
     repeats = dict(DEFAULT_REPEATS)
     rss_steps = dict(QUICK["rss_steps"] if quick else RSS_STEPS)
@@ -465,12 +445,6 @@ def run_benchmark():
         steps = {m: FLAGS.steps_per_block for m in steps}
     if FLAGS.repeats is not None:
         repeats = {m: FLAGS.repeats for m in repeats}
-    for flag, value in (("repeats", FLAGS.repeats),
-                        ("steps_per_block", FLAGS.steps_per_block)):
-        if value is not None and value < 1:
-            raise app.UsageError(
-                f"Flag --{flag} must be >= 1. Received: {value}"
-            )
     # --quick leaves XLA out (its compiles take ~30 s) unless asked for.
     use_xla = FLAGS.xla and not (quick and not FLAGS["xla"].present)
     configs = [False, True] if use_xla else [False]
@@ -494,21 +468,8 @@ def run_benchmark():
                   f"({time.time() - t0:.0f} s)", flush=True)
 
     report = dict(
-        benchmark="speed",
-        protocols=[MODELS[m] for m in models],
-        machine=machine_description(),
-        cpu_count=os.cpu_count(),
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(
-            timespec="seconds"),
-        versions=dict(
-            tensorflow=tf.__version__, keras=keras.__version__,
-            python=platform.python_version(),
-            keras_freetickets=kft.__version__,
-        ),
-        library_path=str(pathlib.Path(kft.__file__).parent),
-        command=" ".join(
-            ["python", "benchmarks/speed.py"] + sys.argv[1:]
-        ),
+        **common.report_header("speed", [MODELS[m] for m in models],
+                               library_path=True),
         settings=dict(
             batch_size=BATCH_SIZE, sparsity=SPARSITY, distribution="erk",
             grow="gradient", drop_fraction=0.5, learning_rate=LEARNING_RATE,
@@ -520,18 +481,12 @@ def run_benchmark():
         results=results,
         wall_seconds=time.time() - start,
     )
-    out = pathlib.Path(FLAGS.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "speed.json").write_text(json.dumps(report, indent=2) + "\n")
-    markdown = render_markdown(report)
-    (out / "speed.md").write_text(markdown)
-    print(markdown)
+    common.write_report(FLAGS.out, "speed", report, render_markdown(report))
     return report
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    common.no_arguments(argv)
     if FLAGS.child:
         _child_main(FLAGS.child, FLAGS.child_steps)
         return

@@ -33,33 +33,21 @@ TF_CPP_MIN_LOG_LEVEL=2 .venv/bin/python benchmarks/storage_and_inference.py --qu
 ```
 """
 
-import datetime
-import json
 import os
 import pathlib
-import platform
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+import common  # first: sets what TensorFlow reads at import, and sys.path
 
-from absl import app  # noqa: E402
-from absl import flags  # noqa: E402
+from absl import app
+from absl import flags
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-# The checkout's library, unless another copy comes first on PYTHONPATH.
-if str(REPO) not in sys.path:
-    sys.path.append(str(REPO))
-if str(REPO / "benchmarks") not in sys.path:
-    sys.path.append(str(REPO / "benchmarks"))
+import protocols
 
-import protocols  # noqa: E402
-
-MODELS = {"mlp": "FMNIST-MLP v1", "cnn": "FMNIST-CNN v1"}
+MODELS = protocols.PROTOCOL_NAMES
 SPARSITIES = (0.8, 0.9)
 NUM_MEMBERS = 3
 # Issue 11's target: M = 3 predict at most 1.3x one member (FMNIST-CNN v1,
@@ -77,13 +65,13 @@ QUICK = dict(repeats=2, predict_examples={"mlp": 1024, "cnn": 1024},
 STORAGE_VARIANTS = (
     ("dense storage", dict(compact=False)),
     ("compact, rebuilt + folded at load (default)", dict()),
-    ("compact variables, rebuilt every call", dict(_kernel_mode="rebuild_variables")),
-    ("compact, sparse matmul (Dense layers)", dict(_kernel_mode="sparse_matmul")),
+    ("compact variables, rebuilt every call", dict(kernel_mode="rebuild_variables")),
+    ("compact, sparse matmul (Dense layers)", dict(kernel_mode="sparse_matmul")),
 )
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("models", ["mlp", "cnn"], "Models: mlp, cnn.")
-flags.DEFINE_string("out", str(REPO / "benchmarks" / "results"),
+flags.DEFINE_string("out", str(common.HERE / "results"),
                     "Folder for storage_inference.json and .md.")
 flags.DEFINE_integer("repeats", DEFAULT_REPEATS,
                      "Timed rounds per variant (interleaved).")
@@ -304,10 +292,6 @@ def measure_serving(name, repeats, calls, work):
 
 
 # ----------------------------------------------------------------- report
-def machine_description():
-    return protocols.machine_description()
-
-
 def _mark(met):
     return "yes" if met else "NO"
 
@@ -407,27 +391,19 @@ def render_markdown(report):
 
 
 def run_benchmark():
+    quick = FLAGS.quick
+    models = common.parse_models(FLAGS.models)
+    if not quick:
+        common.require_at_least(FLAGS, ["repeats"])
+    repeats = QUICK["repeats"] if quick else FLAGS.repeats
     import keras
     import tensorflow as tf
     from absl import logging
-
-    import keras_freetickets as kft
 
     # SavedModel writes log at INFO through absl; keep the output readable.
     logging.set_verbosity(logging.WARNING)
     tf.get_logger().setLevel("ERROR")
 
-    quick = FLAGS.quick
-    models = list(FLAGS.models)
-    for name in models:
-        if name not in MODELS:
-            raise app.UsageError(
-                f"Flag --models must name models in {sorted(MODELS)}. "
-                f"Received: {name!r}"
-            )
-    repeats = QUICK["repeats"] if quick else FLAGS.repeats
-    if repeats < 1:
-        raise app.UsageError(f"Flag --repeats must be >= 1. Received: {repeats}")
     predict_examples = QUICK["predict_examples"] if quick else PREDICT_EXAMPLES
     serve_calls = QUICK["serve_calls"] if quick else SERVE_CALLS
     start = time.time()
@@ -451,16 +427,9 @@ def run_benchmark():
         shutil.rmtree(work, ignore_errors=True)
 
     report = dict(
-        benchmark="storage_and_inference",
-        protocols=[MODELS[m] for m in models] + ["Storage", "Ensemble inference"],
-        machine=machine_description(),
-        cpu_count=os.cpu_count(),
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        versions=dict(
-            tensorflow=tf.__version__, keras=keras.__version__,
-            python=platform.python_version(), keras_freetickets=kft.__version__,
-        ),
-        command=" ".join(["python", "benchmarks/storage_and_inference.py"] + sys.argv[1:]),
+        **common.report_header(
+            "storage_and_inference",
+            [MODELS[m] for m in models] + ["Storage", "Ensemble inference"]),
         settings=dict(
             sparsities=list(SPARSITIES), distribution="erk", num_members=NUM_MEMBERS,
             batch_size=BATCH_SIZE, repeats=repeats, predict_examples=predict_examples,
@@ -472,18 +441,12 @@ def run_benchmark():
         serving=serving,
         wall_seconds=time.time() - start,
     )
-    out = pathlib.Path(FLAGS.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "storage_inference.json").write_text(json.dumps(report, indent=2) + "\n")
-    markdown = render_markdown(report)
-    (out / "storage_inference.md").write_text(markdown)
-    print(markdown)
+    common.write_report(FLAGS.out, "storage_inference", report, render_markdown(report))
     return report
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    common.no_arguments(argv)
     run_benchmark()
 
 

@@ -253,7 +253,8 @@ class FreeTicketsEnsemble(keras.Model):
             )
         return paths
 
-    def export(self, path, overwrite=False, compact=True, verbose=False):
+    def export(self, path, overwrite=False, compact=True, verbose=False,
+               kernel_mode="rebuild"):
         """Writes the ensemble as a self-contained SavedModel for TF Serving.
 
         Signatures: `serving_default` (input `inputs`, float32
@@ -270,6 +271,10 @@ class FreeTicketsEnsemble(keras.Model):
             overwrite: bool. Whether an existing `path` may be replaced.
             compact: bool. Whether sparse kernels are stored compact.
             verbose: bool. Whether to print the endpoints written.
+            kernel_mode: str. How compact kernels run in the graph:
+                `"rebuild"` (default, folded into dense kernels at load),
+                `"rebuild_variables"` or `"sparse_matmul"`; see
+                `export_ensemble`.
 
         Returns:
             The absolute path written, as a string.
@@ -285,7 +290,8 @@ class FreeTicketsEnsemble(keras.Model):
         from keras_freetickets import export as export_lib
 
         return export_lib.export_ensemble(
-            self, path, overwrite=overwrite, compact=compact, verbose=verbose
+            self, path, overwrite=overwrite, compact=compact, verbose=verbose,
+            kernel_mode=kernel_mode,
         )
 
     @classmethod

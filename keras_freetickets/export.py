@@ -37,9 +37,11 @@ larger kernel is cut along its output axis into slices of at most 8 MiB, and
 the layer runs once per slice (outputs concatenated). Biases, normalization
 statistics and every other weight are ordinary variables of the SavedModel. A
 kernel is stored compact only when that is smaller than dense (density below
-31/32 at float32). The measured costs of this choice against dense storage,
-against rebuilding from variables on every call and against sparse matmuls
-are in `benchmarks/storage_and_inference.py`.
+31/32 at float32). `kernel_mode` chooses how the compact kernels run (see
+`export_ensemble`); the measured costs of the default against dense storage,
+against rebuilding from variables on every call (`"rebuild_variables"`) and
+against sparse matmuls (`"sparse_matmul"`) are in
+`benchmarks/storage_and_inference.py`.
 
 An ensemble built with `batched=True` whose members allow it (see
 `keras_freetickets.ensemble.BatchedPlan`) is exported as one batched program
@@ -102,14 +104,15 @@ MEMBERS_OUTPUT = "member_probabilities"
 OUTPUT_NAMES = ("probabilities", "classes", "confidence", "entropy", "mutual_information")
 """The outputs of the `serving_default` signature, in order."""
 
-_KERNEL_MODES = ("rebuild", "rebuild_variables", "sparse_matmul")
+KERNEL_MODES = ("rebuild", "rebuild_variables", "sparse_matmul")
+"""The values of `export_ensemble`'s `kernel_mode`, the default first."""
 # SavedModel protos are limited to 2 GiB; stay well below with the constants.
 _MAX_CONSTANT_BYTES = 1 << 30
 _VERSION = re.compile(r"^\d+$")
 
 
 def export_ensemble(ensemble, path, overwrite=False, compact=True, verbose=False,
-                    _kernel_mode="rebuild"):
+                    kernel_mode="rebuild"):
     """Writes an ensemble as a self-contained SavedModel for TF Serving.
 
     The SavedModel has a `serving_default` signature (input `inputs`, float32,
@@ -137,6 +140,19 @@ def export_ensemble(ensemble, path, overwrite=False, compact=True, verbose=False
             dense.
         verbose: bool. Whether to print the endpoints written (as
             `keras.export.ExportArchive.write_out` does).
+        kernel_mode: str, one of `KERNEL_MODES`. How the compact kernels
+            run in the graph (ignored with `compact=False`). `"rebuild"`
+            (default): stored as constants, rebuilt into dense kernels that
+            TensorFlow folds once at load, so serving runs dense kernels at
+            dense speed; choose it unless you have measured otherwise.
+            `"rebuild_variables"`: stored as variables and rebuilt on every
+            call; for ensembles whose compact kernels are too large to embed
+            as graph constants (over 1 GiB), at a per-call cost.
+            `"sparse_matmul"`: `Dense` kernels run as
+            `tf.sparse.sparse_dense_matmul` on the stored nonzeros (Conv
+            kernels as in `"rebuild"`); slower than dense on every FMNIST
+            layer that `benchmarks/sparse_kernels.py` measured, so only
+            worth measuring for much sparser or larger layers.
 
     Returns:
         The absolute path written, as a string.
@@ -169,10 +185,10 @@ def export_ensemble(ensemble, path, overwrite=False, compact=True, verbose=False
             raise ValueError(
                 f"Argument `{name}` must be a bool. Received: {name}={value!r}"
             )
-    if _kernel_mode not in _KERNEL_MODES:
+    if not isinstance(kernel_mode, str) or kernel_mode not in KERNEL_MODES:
         raise ValueError(
-            f"Argument `_kernel_mode` must be one of {_KERNEL_MODES}. "
-            f"Received: _kernel_mode={_kernel_mode!r}"
+            f"Argument `kernel_mode` must be one of {KERNEL_MODES}. "
+            f"Received: kernel_mode={kernel_mode!r}"
         )
     if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
         raise ValueError(
@@ -208,7 +224,7 @@ def export_ensemble(ensemble, path, overwrite=False, compact=True, verbose=False
             stacklevel=2,
         )
 
-    archive = _build_archive(ensemble, compact, _kernel_mode)
+    archive = _build_archive(ensemble, compact, kernel_mode)
     _write_atomically(archive, path, overwrite, verbose)
     return path
 

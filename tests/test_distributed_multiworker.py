@@ -7,7 +7,7 @@ that kill the process groups:
 1. `tests/scripts/mwms_worker.py` trains a sparse MLP with random (SET) and
    gradient (RigL) growth, one after the other, for 256 steps each, next to
    a 1-worker reference run with the same global batch.
-2. The gradient run again with per-worker BackupAndRestore: worker 1 is
+2. The gradient run again with per-worker kft.BackupAndRestore: worker 1 is
    SIGKILLed mid-training, the survivor must exit with an error by itself,
    and the restarted cluster must end exactly where the uninterrupted run of
    cluster 1 ended.
@@ -368,11 +368,10 @@ def test_dead_worker_then_restart_resumes_exactly(runs, processes,
         "UnavailableError", "unhealthy", "heartbeat", "AbortedError",
         "CancelledError", "DeadlineExceededError",
     )), log
-    # One backup per worker, both after the 2 epochs completed.
+    # One backup per worker, both after the 2 epochs completed (the
+    # `checkpoint` file of kft.BackupAndRestore names the newest one).
     for rank in (0, 1):
-        meta = json.loads(
-            (backup / f"worker_{rank}" / "training_metadata.json").read_text()
-        )
+        meta = json.loads((backup / f"worker_{rank}" / "checkpoint").read_text())
         assert meta["epoch"] == PAUSE_STEP // STEPS_PER_EPOCH
     assert not (out / "gradient_0.npz").exists()
 

@@ -213,7 +213,7 @@ def test_alternative_kernel_modes_match_predict(tmp_path, kernel_mode):
     ensemble = FreeTicketsEnsemble([_mlp(0, sparsity=0.9)])
     x = _x(8)
     path = str(tmp_path / "1")
-    export_lib.export_ensemble(ensemble, path, _kernel_mode=kernel_mode)
+    export_lib.export_ensemble(ensemble, path, kernel_mode=kernel_mode)
 
     np.testing.assert_allclose(
         _serve(path, x)["probabilities"], ensemble.predict(x, verbose=0), atol=1e-5
@@ -504,8 +504,14 @@ def test_argument_validation(tmp_path):
         ensemble.export(str(tmp_path / "1"), overwrite="yes")
     with pytest.raises(ValueError, match="Argument `path` must be a non-empty path"):
         ensemble.export("")
-    with pytest.raises(ValueError, match="Argument `_kernel_mode` must be one of"):
-        export_lib.export_ensemble(ensemble, str(tmp_path / "1"), _kernel_mode="csr")
+    with pytest.raises(
+        ValueError,
+        match=r"Argument `kernel_mode` must be one of \('rebuild', 'rebuild_variables', "
+        r"'sparse_matmul'\)\. Received: kernel_mode='csr'",
+    ):
+        export_lib.export_ensemble(ensemble, str(tmp_path / "1"), kernel_mode="csr")
+    with pytest.raises(ValueError, match="Argument `kernel_mode` must be one of"):
+        ensemble.export(str(tmp_path / "1"), kernel_mode=["rebuild"])
     assert not (tmp_path / "1").exists()
 
 

@@ -10,7 +10,7 @@ after the other in this process); `edst_dir` (then an EDST run follows:
 2 members, 1 exploration + 2 x 1 refinement epochs, RigL, saved into that
 folder by every worker); `epochs`, `examples`, `global_batch`,
 `update_interval`, `sizes`, `seed`; optional `backup_base` (per-worker
-BackupAndRestore), `pause_at_step` and `pause_rank` (that worker writes
+kft.BackupAndRestore), `pause_at_step` and `pause_rank` (that worker writes
 `paused_<rank>` in `out_dir` at that global step and sleeps, to be killed),
 `checkpoint` (a ModelCheckpoint path, formatted with `grow` and `rank`,
 written by the chief only), `probe_guards` (try the settings that
@@ -141,7 +141,7 @@ def main(config_path):
             callbacks.insert(0, edst)
             epochs = edst.total_epochs
         if config.get("backup_base"):
-            callbacks.insert(0, keras.callbacks.BackupAndRestore(
+            callbacks.insert(0, kft.BackupAndRestore(
                 distributed.worker_backup_dir(config["backup_base"])
             ))
         if config.get("checkpoint"):

@@ -1,0 +1,151 @@
+"""What every benchmark script shares: its start and its report.
+
+Importing this module, first in a script (before absl, TensorFlow or Keras):
+sets TensorFlow's C++ log level to warnings and the Keras backend to
+TensorFlow (unless the environment says otherwise), and puts the checkout and
+`benchmarks/` on `sys.path` (after what is there, so that another copy of the
+library on PYTHONPATH comes first). The rest is the report every figure
+carries (BENCHMARK.md: protocol, machine, command line) and its writing.
+"""
+
+import datetime
+import json
+import os
+import pathlib
+import platform
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+HERE = pathlib.Path(__file__).resolve().parent
+REPO = HERE.parent
+for _path in (str(REPO), str(HERE)):
+    if _path not in sys.path:
+        sys.path.append(_path)
+
+from protocols import PROTOCOL_NAMES  # noqa: E402
+
+
+# ------------------------------------------------------------------- flags
+def _usage_error(message):
+    from absl import app
+
+    return app.UsageError(message)
+
+
+def no_arguments(argv):
+    """Refuses positional arguments (absl passes them to `main`)."""
+    if len(argv) > 1:
+        raise _usage_error(f"Unexpected arguments: {argv[1:]}")
+
+
+def parse_models(values, flag="models"):
+    """The protocol keys of a `--models` list, blanks dropped; a usage error
+    names an unknown key or an empty list."""
+    models = [m.strip() for m in values if m.strip()]
+    for m in models:
+        if m not in PROTOCOL_NAMES:
+            raise _usage_error(
+                f"Flag --{flag} must list names in {sorted(PROTOCOL_NAMES)}. "
+                f"Received: {m!r}"
+            )
+    if not models:
+        raise _usage_error(f"Flag --{flag} must name at least one model.")
+    return models
+
+
+def require_at_least(flag_values, names, minimum=1):
+    """A usage error for the first flag of `names` below `minimum`."""
+    for name in names:
+        value = flag_values[name].value
+        if value < minimum:
+            raise _usage_error(
+                f"Flag --{name} must be >= {minimum}. Received: {value}"
+            )
+
+
+# ------------------------------------------------------------------ report
+def machine_description():
+    """'<n>-core CPU (<model name>), shared with other jobs'."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{os.cpu_count()}-core CPU ({model}), shared with other jobs"
+
+
+def command_line(script, argv=None):
+    """`python benchmarks/<script>.py <arguments>`, as the report records it."""
+    argv = sys.argv if argv is None else argv
+    return " ".join(["python", f"benchmarks/{script}.py"] + list(argv[1:]))
+
+
+def utc_now():
+    """The report's date: UTC, ISO 8601, to the second."""
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def versions():
+    """The versions a report records: TensorFlow, Keras, Python, this library."""
+    import keras
+    import tensorflow as tf
+
+    import keras_freetickets as kft
+
+    return dict(tensorflow=tf.__version__, keras=keras.__version__,
+                python=platform.python_version(), keras_freetickets=kft.__version__)
+
+
+def report_header(benchmark, protocols, library_path=False):
+    """The first keys of a speed or storage report: what ran, on which
+    protocols and machine, when, with which versions and command line
+    (`library_path`: also the folder the library was imported from)."""
+    header = dict(
+        benchmark=benchmark,
+        protocols=list(protocols),
+        machine=machine_description(),
+        cpu_count=os.cpu_count(),
+        date=utc_now(),
+        versions=versions(),
+    )
+    if library_path:
+        import keras_freetickets as kft
+
+        header["library_path"] = str(pathlib.Path(kft.__file__).parent)
+    header["command"] = command_line(benchmark)
+    return header
+
+
+def environment_info(script, argv=None, shared=False):
+    """The environment that the results tables (`fmnist_table.py`,
+    `ablations.py`) print under their rows: the local date, the machine as
+    '<n>-core CPU (<arch>, <OS>)' (', shared with other jobs' when
+    `shared`), the versions and the command line."""
+    import keras
+    import tensorflow as tf
+
+    machine = f"{os.cpu_count()}-core CPU ({platform.machine()}, {platform.system()})"
+    return dict(
+        date=datetime.datetime.now().strftime("%Y-%m-%d"),
+        machine=machine + (", shared with other jobs" if shared else ""),
+        python=platform.python_version(), keras=keras.__version__,
+        tensorflow=tf.__version__, cpu_count=os.cpu_count(),
+        command=command_line(script, argv),
+    )
+
+
+def write_report(out, stem, report, markdown, echo=True):
+    """Writes `<out>/<stem>.json` (the report) and `<out>/<stem>.md`, making
+    `out`; prints the markdown when `echo`."""
+    out = pathlib.Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / f"{stem}.md").write_text(markdown)
+    if echo:
+        print(markdown)
