@@ -1083,8 +1083,11 @@ def terminate_on_nan_fault(tmp, nan_epoch):
                         verbose=0, callbacks=[edst, backup, Poison(),
                                               keras.callbacks.TerminateOnNaN()])
     restored = _small(hidden=16)
+    # Configured as the EDST run was (its callback turns global exploration
+    # on); otherwise the backup refuses to restore into it.
     restored.compile(kft.SparseOptimizer(keras.optimizers.SGD(0.05), sparsity=0.7,
-                                         update_interval=2, seed=0),
+                                         update_interval=2, seed=0,
+                                         global_exploration=True),
                      keras.losses.SparseCategoricalCrossentropy(True))
 
     class FirstEpoch(keras.callbacks.Callback):

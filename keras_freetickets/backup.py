@@ -148,8 +148,13 @@ class BackupAndRestore(keras.callbacks.Callback):
             folder = self._folder(number)
             try:
                 metadata = _read_metadata(folder)
-                self.model.load_weights(os.path.join(folder, _WEIGHTS))
             except Exception as e:  # a damaged checkpoint: try an older one
+                errors.append(f"{folder}: {type(e).__name__}: {e}")
+                continue
+            self._check_optimizer(metadata)
+            try:
+                self.model.load_weights(os.path.join(folder, _WEIGHTS))
+            except Exception as e:
                 errors.append(f"{folder}: {type(e).__name__}: {e}")
                 continue
             self.model._initial_epoch = int(metadata["epoch"])
@@ -187,10 +192,31 @@ class BackupAndRestore(keras.callbacks.Callback):
         if loss is not None and not np.all(np.isfinite(np.asarray(loss, float))):
             self._non_finite = True
             return  # keep the last finite state
+        optimizer = self.model.optimizer
         write_checkpoint(self.model, self.backup_dir, {
             "epoch": self._current_epoch,
             "batch": self._last_batch_seen,
+            "optimizer_variables": (
+                len(optimizer.variables) if optimizer is not None else 0
+            ),
         }, keep=2 if self.double_checkpoint else 1)
+
+    def _check_optimizer(self, metadata):
+        """Keras loads no optimizer state at all, with only a warning, when
+        the counts differ: the masks would be lost. Refuse instead."""
+        saved = metadata.get("optimizer_variables")
+        optimizer = self.model.optimizer
+        have = len(optimizer.variables) if optimizer is not None else 0
+        if saved is not None and saved != have:
+            raise ValueError(
+                f"The backup in backup_dir={self.backup_dir!r} holds {saved} "
+                f"optimizer variables (masks, slots, counters) but this "
+                f"model's optimizer has {have}: it is not configured like the "
+                "run that wrote the backup (for example an EDSTCallback adds "
+                "global-exploration state, and another optimizer has other "
+                "slots). Compile the same optimizer with the same callbacks, "
+                "or delete the folder to start over."
+            )
 
     def on_train_end(self, logs=None):
         if self._non_finite:

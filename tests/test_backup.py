@@ -214,6 +214,29 @@ def test_fit_resumes_at_the_backed_up_epoch_and_deletes_the_folder(tmp_path):
     assert not same(state(model), saved)
 
 
+def test_restore_into_an_optimizer_configured_otherwise_is_refused(
+        two_states):
+    """Keras would skip the whole optimizer state with a warning (masks
+    lost); the callback names both counts instead and loads nothing."""
+    _, folder, _, _ = two_states
+    model = build()
+    model.compile(
+        kft.SparseOptimizer(keras.optimizers.SGD(0.1, momentum=0.9),
+                            sparsity=0.7, update_interval=2, seed=3,
+                            global_exploration=True),
+        keras.losses.SparseCategoricalCrossentropy(True),
+    )
+    model.optimizer.build(model.trainable_variables)  # masks the kernels
+    before = [w.numpy() for w in model.weights]
+    callback = kft.BackupAndRestore(folder)
+    callback.set_model(model)
+    with pytest.raises(ValueError, match=r"holds \d+ optimizer variables .* "
+                       r"this model's optimizer has \d+"):
+        callback.on_train_begin()
+    assert callback.restored_from is None
+    assert same([w.numpy() for w in model.weights], before)
+
+
 def test_non_finite_loss_keeps_the_last_finite_backup(two_states):
     model, folder, first, _ = two_states
     callback = kft.BackupAndRestore(folder)
