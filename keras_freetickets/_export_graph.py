@@ -161,13 +161,16 @@ def _substitutable(layer):
         return None
     if getattr(layer, "lora_enabled", False):
         return None
-    if compat.kernel_variable(layer) is None:
+    # Which weights are sparse kernels, and how each is applied, is
+    # `prunable.kernel_roles`' to say; here only the stock one-kernel layers
+    # whose call this module reproduces qualify.
+    roles = prunable.kernel_roles(layer)
+    if len(roles) != 1 or prunable.kernel_variable(layer, roles[0][0]) is None:
         return None
-    if type(layer).call is keras.layers.Dense.call:
+    if roles == [("kernel", "dense")] and type(layer).call is keras.layers.Dense.call:
         return "dense"
-    if isinstance(layer, (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D)):
-        if _conv_call_supported(layer):
-            return "conv"
+    if roles == [("kernel", "conv")] and _conv_call_supported(layer):
+        return "conv"
     return None
 
 
