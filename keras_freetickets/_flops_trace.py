@@ -13,6 +13,7 @@ import math
 import numpy as np
 
 from keras_freetickets import prunable
+from keras_freetickets._validation import check_fraction
 
 
 def _spatial(shape, data_format):
@@ -176,16 +177,7 @@ def densities_from(model, densities, masks):
     result = {}
     if densities is not None:
         for path, value in _match(densities, paths, "densities").items():
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, (int, float, np.integer, np.floating))
-                or not 0.0 <= float(value) <= 1.0
-            ):
-                raise ValueError(
-                    "Argument `densities` must map to values in [0, 1]. "
-                    f"Received: densities[{path!r}]={value!r}"
-                )
-            result[path] = float(value)
+            result[path] = check_fraction(f"densities[{path!r}]", value, "[0, 1]")
     if masks is not None:
         for path, mask in _match(masks, paths, "masks").items():
             array = np.asarray(keras.ops.convert_to_numpy(mask), dtype=np.float64)

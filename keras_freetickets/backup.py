@@ -29,6 +29,9 @@ import uuid
 import keras
 import numpy as np
 
+from keras_freetickets._validation import check_bool
+from keras_freetickets._validation import is_int
+
 _CKPT = re.compile(r"^ckpt-(\d+)$")
 _WEIGHTS = "model.weights.h5"
 _METADATA = "training_metadata.json"
@@ -92,21 +95,13 @@ class BackupAndRestore(keras.callbacks.Callback):
                 "Argument `backup_dir` must be a non-empty folder path. "
                 f"Received: backup_dir={backup_dir!r}"
             )
-        if save_freq != "epoch" and (
-            isinstance(save_freq, bool)
-            or not isinstance(save_freq, (int, np.integer))
-            or save_freq < 1
-        ):
+        if save_freq != "epoch" and (not is_int(save_freq) or save_freq < 1):
             raise ValueError(
                 "Argument `save_freq` must be 'epoch' or an integer >= 1. "
                 f"Received: save_freq={save_freq!r}"
             )
-        for name, value in (("double_checkpoint", double_checkpoint),
-                            ("delete_checkpoint", delete_checkpoint)):
-            if not isinstance(value, (bool, np.bool_)):
-                raise ValueError(
-                    f"Argument `{name}` must be a bool. Received: {name}={value!r}"
-                )
+        check_bool("double_checkpoint", double_checkpoint)
+        check_bool("delete_checkpoint", delete_checkpoint)
         self.backup_dir = os.fspath(backup_dir)
         self.save_freq = save_freq if save_freq == "epoch" else int(save_freq)
         self.double_checkpoint = bool(double_checkpoint)

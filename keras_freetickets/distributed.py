@@ -36,6 +36,7 @@ from keras_freetickets._multiworker import MultiWorkerModelMixin
 from keras_freetickets._multiworker import is_multi_worker
 from keras_freetickets._multiworker import prepare_model
 from keras_freetickets._tf_config import read_tf_config
+from keras_freetickets._validation import check_bool
 
 __all__ = [
     "STRATEGY_NAMES", "TPU_REJECTED_OPS", "task_info", "is_chief",
@@ -365,11 +366,7 @@ class ChiefOnly(keras.callbacks.Callback):
                 "Argument `callback` must be a `keras.callbacks.Callback`. "
                 f"Received: callback={callback!r}"
             )
-        if chief is not None and not isinstance(chief, bool):
-            raise ValueError(
-                "Argument `chief` must be a bool or None. "
-                f"Received: chief={chief!r}"
-            )
+        chief = check_bool("chief", chief, allow_none=True)
         self.callback = callback
         self.chief = is_chief() if chief is None else chief
 

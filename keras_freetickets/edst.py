@@ -13,6 +13,8 @@ from keras_freetickets.member_checkpoint import MemberCheckpoint
 from keras_freetickets.schedules import LEARNING_RATE_PLANS
 from keras_freetickets.schedules import learning_rate_factor
 from keras_freetickets._validation import check_int
+from keras_freetickets._validation import check_number
+from keras_freetickets._validation import check_one_of
 from keras_freetickets.sparsity_monitor import find_sparse_optimizer
 
 
@@ -156,18 +158,11 @@ class EDSTCallback(keras.callbacks.Callback):
         if save_best is not None:
             monitor = save_best
         if save_best_mode is not None:
-            if save_best_mode not in ("min", "max"):
-                raise ValueError(
-                    "Argument `save_best_mode` must be 'min' or 'max'. "
-                    f"Received: save_best_mode={save_best_mode!r}"
-                )
+            check_one_of("save_best_mode", save_best_mode, ("min", "max"))
             mode = save_best_mode
 
-        if base_learning_rate is not None and not base_learning_rate > 0:
-            raise ValueError(
-                "Argument `base_learning_rate` must be > 0. "
-                f"Received: base_learning_rate={base_learning_rate!r}"
-            )
+        if base_learning_rate is not None:
+            check_number("base_learning_rate", base_learning_rate, 0, strict=True)
         self.num_members = int(num_members)
         self.exploration_epochs = int(exploration_epochs)
         self.refinement_epochs = int(refinement_epochs)
