@@ -12,6 +12,7 @@ import math
 
 import numpy as np
 
+from keras_freetickets import _keras_compat as compat
 from keras_freetickets import prunable
 from keras_freetickets._validation import check_fraction
 
@@ -100,7 +101,7 @@ def _zeros_inputs(model, input_shape):
     if model_inputs and len(model_inputs) == len(shapes):
         dtypes = [str(getattr(t, "dtype", "float32")) for t in model_inputs]
     arrays = [np.zeros((1,) + s, dtype=d) for s, d in zip(shapes, dtypes)]
-    struct = getattr(model, "_inputs_struct", None)
+    struct = compat.inputs_struct(model)
     if struct is not None and model_inputs and len(model_inputs) == len(arrays):
         flat = iter(arrays)
         return keras.tree.map_structure(lambda _: next(flat), struct)
@@ -113,11 +114,11 @@ def trace_calls(model, input_shape):
     inputs = _zeros_inputs(model, input_shape)
     sublayers = [
         layer
-        for layer in model._flatten_layers(include_self=True, recursive=True)
+        for layer in compat.flatten_layers(model)
         if prunable.kernel_roles(layer)
     ]
     if not all(
-        layer.built for layer in model._flatten_layers(include_self=True)
+        layer.built for layer in compat.flatten_layers(model)
     ):
         # Building a subclassed model may trace `call` once more; do it
         # before recording.

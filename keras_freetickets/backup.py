@@ -29,6 +29,7 @@ import uuid
 import keras
 import numpy as np
 
+from keras_freetickets import _keras_compat as compat
 from keras_freetickets._validation import check_bool
 from keras_freetickets._validation import is_int
 
@@ -147,7 +148,7 @@ class BackupAndRestore(keras.callbacks.Callback):
             except Exception as e:  # a damaged checkpoint: try an older one
                 errors.append(f"{folder}: {type(e).__name__}: {e}")
                 continue
-            self.model._initial_epoch = int(metadata["epoch"])
+            compat.set_initial_epoch(self.model, metadata["epoch"])
             self._current_epoch = int(metadata["epoch"])
             self.restored_from = folder
             return

@@ -32,6 +32,7 @@ import re
 
 import keras
 
+from keras_freetickets import _keras_compat as compat
 from keras_freetickets._multiworker import MultiWorkerModelMixin
 from keras_freetickets._multiworker import is_multi_worker
 from keras_freetickets._multiworker import prepare_model
@@ -291,11 +292,8 @@ def tpu_compatibility_problems(model, data):
             f" Received: {type(data).__name__}"
         )
     data = keras.tree.map_structure(tf.convert_to_tensor, tuple(data))
-    if not all(layer.built for layer in model._flatten_layers()) or (
-        model._compile_metrics is not None
-        and not model._compile_metrics.built
-    ):
-        model._symbolic_build(data_batch=data)
+    if compat.needs_symbolic_build(model):
+        compat.symbolic_build(model, data)
     if model.optimizer is not None and not model.optimizer.built:
         model.optimizer.build(model.trainable_variables)
 

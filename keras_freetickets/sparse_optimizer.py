@@ -373,7 +373,7 @@ class SparseOptimizer(
     # ------------------------------------------------------------ delegation
     @property
     def variables(self):
-        return self._variables + self.inner_optimizer.variables
+        return compat.optimizer_own_variables(self) + self.inner_optimizer.variables
 
     @property
     def learning_rate(self):
