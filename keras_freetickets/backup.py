@@ -30,6 +30,7 @@ import keras
 import numpy as np
 
 from keras_freetickets import _keras_compat as compat
+from keras_freetickets._config import ArgumentsConfig
 from keras_freetickets._validation import check_bool
 from keras_freetickets._validation import is_int
 
@@ -41,7 +42,7 @@ _FORMAT = "keras_freetickets.backup"
 
 
 @keras.saving.register_keras_serializable(package="keras_freetickets")
-class BackupAndRestore(keras.callbacks.Callback):
+class BackupAndRestore(ArgumentsConfig, keras.callbacks.Callback):
     """Backs up the training state crash-consistently and resumes from it.
 
     Same arguments and behaviour as `keras.callbacks.BackupAndRestore`: the
@@ -85,6 +86,9 @@ class BackupAndRestore(keras.callbacks.Callback):
               callbacks=[edst, backup])  # rerun the same line after a crash
     ```
     """
+
+    CONFIG_ARGUMENTS = (
+        "backup_dir", "save_freq", "double_checkpoint", "delete_checkpoint")
 
     def __init__(self, backup_dir, save_freq="epoch", double_checkpoint=False,
                  delete_checkpoint=True):
@@ -206,17 +210,6 @@ class BackupAndRestore(keras.callbacks.Callback):
             if ".tmp-" in name:
                 _remove(os.path.join(self.backup_dir, name))
 
-    def get_config(self):
-        return {
-            "backup_dir": self.backup_dir,
-            "save_freq": self.save_freq,
-            "double_checkpoint": self.double_checkpoint,
-            "delete_checkpoint": self.delete_checkpoint,
-        }
-
-    @classmethod
-    def from_config(cls, config):
-        return cls(**config)
 
 
 def list_checkpoints(backup_dir):

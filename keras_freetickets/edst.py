@@ -9,6 +9,7 @@ import keras
 from keras_freetickets import _edst_levers
 from keras_freetickets import _keras_compat as compat
 from keras_freetickets import members as members_lib
+from keras_freetickets._config import ArgumentsConfig
 from keras_freetickets.member_checkpoint import MemberCheckpoint
 from keras_freetickets.schedules import LEARNING_RATE_PLANS
 from keras_freetickets.schedules import learning_rate_factor
@@ -23,7 +24,7 @@ OFFICIAL_LEVERS = _edst_levers.OFFICIAL_LEVERS
 
 
 @keras.saving.register_keras_serializable(package="keras_freetickets")
-class EDSTCallback(keras.callbacks.Callback):
+class EDSTCallback(ArgumentsConfig, keras.callbacks.Callback):
     """Trains an EDST ensemble: M sparse members from ONE training run.
 
     The run starts with `exploration_epochs` of ordinary dynamic sparse
@@ -117,6 +118,12 @@ class EDSTCallback(keras.callbacks.Callback):
     ensemble = kft.FreeTicketsEnsemble.from_directory("members/")
     ```
     """
+
+    # With the levers of `_lever_config`.
+    CONFIG_ARGUMENTS = (
+        "num_members", "exploration_epochs", "refinement_epochs",
+        "global_drop_fraction", "member_dir", "global_grow",
+        "base_learning_rate", "quiet_steps", "monitor", "mode")
 
     def __init__(
         self,
@@ -374,20 +381,4 @@ class EDSTCallback(keras.callbacks.Callback):
                 f"{list(LEARNING_RATE_PLANS)} with `restart_height`. "
                 f"Received: learning_rate_plan={self.learning_rate_plan!r}"
             )
-        return {
-            **self._lever_config(),
-            "num_members": self.num_members,
-            "exploration_epochs": self.exploration_epochs,
-            "refinement_epochs": self.refinement_epochs,
-            "global_drop_fraction": self.global_drop_fraction,
-            "member_dir": self.member_dir,
-            "global_grow": self.global_grow,
-            "base_learning_rate": self.base_learning_rate,
-            "quiet_steps": self.quiet_steps,
-            "monitor": self.monitor,
-            "mode": self.mode,
-        }
-
-    @classmethod
-    def from_config(cls, config):
-        return cls(**config)
+        return {**self._lever_config(), **super().get_config()}
