@@ -2,6 +2,7 @@
 global explorations, the pause before a member is saved, the EDST levers."""
 
 from keras_freetickets._validation import check_fraction
+from keras_freetickets._validation import check_one_of
 
 # How a global exploration grows: the optimizer's own rule, SET or RigL.
 GLOBAL_GROW_MODES = {None: 0, "random": 1, "gradient": 2}
@@ -23,11 +24,7 @@ class ExplorationControls:
             grow: "gradient", "random" or None (the optimizer's own rule):
                 how global explorations regrow weights.
         """
-        if grow not in GLOBAL_GROW_MODES:
-            raise ValueError(
-                f"Argument `grow` must be one of {list(GLOBAL_GROW_MODES)}. "
-                f"Received: grow={grow!r}"
-            )
+        check_one_of("grow", grow, GLOBAL_GROW_MODES)
         if not self.global_exploration:
             if self.built:
                 raise ValueError(

@@ -1,10 +1,9 @@
 """The EDST diversity levers of `EDSTCallback`: their checks and presets."""
 
-import math
-
-import numpy as np
-
+from keras_freetickets._validation import check_bool
 from keras_freetickets._validation import check_fraction
+from keras_freetickets._validation import check_number
+from keras_freetickets._validation import check_one_of
 from keras_freetickets.schedules import LEARNING_RATE_PLANS
 
 REFINEMENT_DECAYS = ("constant", "cosine")
@@ -40,29 +39,17 @@ def validate(preset, levers):
             f"learning_rate_plan={plan!r}"
         )
     if levers["restart_height"] is not None:
-        _check_positive("restart_height", levers["restart_height"])
-    if levers["global_grow"] not in ("random", "gradient", None):
-        raise ValueError(
-            "Argument `global_grow` must be 'random', 'gradient' or None. "
-            f"Received: global_grow={levers['global_grow']!r}"
-        )
+        check_number("restart_height", levers["restart_height"], 0, strict=True)
+    check_one_of("global_grow", levers["global_grow"], ("random", "gradient", None))
     check_fraction("global_drop_fraction", levers["global_drop_fraction"])
-    if not isinstance(levers["exclude_dropped"], (bool, np.bool_)):
-        raise ValueError(
-            "Argument `exclude_dropped` must be True or False. "
-            f"Received: exclude_dropped={levers['exclude_dropped']!r}"
-        )
-    _check_positive("novelty", levers["novelty"], allow_zero=True)
+    check_bool("exclude_dropped", levers["exclude_dropped"])
+    check_number("novelty", levers["novelty"], 0)
     if levers["refinement_drop_fraction"] is not None:
         check_fraction("refinement_drop_fraction",
                        levers["refinement_drop_fraction"])
     for name, allowed in (("refinement_drop_decay", REFINEMENT_DECAYS),
                           ("global_grow_init", GROW_INITS)):
-        if levers[name] not in allowed:
-            raise ValueError(
-                f"Argument `{name}` must be one of {list(allowed)}. "
-                f"Received: {name}={levers[name]!r}"
-            )
+        check_one_of(name, levers[name], allowed)
     height = levers["restart_height"]
     fraction = levers["refinement_drop_fraction"]
     return dict(
@@ -75,25 +62,9 @@ def validate(preset, levers):
     )
 
 
-def _check_positive(name, value, allow_zero=False):
-    ok = isinstance(value, (int, float, np.integer, np.floating)) and not (
-        isinstance(value, bool)
-    ) and (value >= 0 if allow_zero else value > 0) and math.isfinite(value)
-    if not ok:
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(
-            f"Argument `{name}` must be a finite number {bound}. "
-            f"Received: {name}={value!r}"
-        )
-
-
 def _apply_preset(preset, given):
     """The levers of `preset`; a lever also given explicitly must agree."""
-    if preset not in PRESETS:
-        raise ValueError(
-            f"Argument `preset` must be one of {list(PRESETS)} or None. "
-            f"Received: preset={preset!r}"
-        )
+    check_one_of("preset", preset, PRESETS)
     for name, value in given.items():
         if value != DEFAULT_LEVERS[name] and value != OFFICIAL_LEVERS[name] \
                 and not (name == "learning_rate_plan" and value is None):

@@ -6,6 +6,22 @@ import numpy as np
 from keras_freetickets import _keras_compat as compat
 
 
+def _single_tensor(member, index, attribute):
+    """The one symbolic input or output (`attribute` "inputs" or "outputs")
+    of a member, or None where the model has no symbolic ones."""
+    tensors = (
+        getattr(member, attribute, None) if _has_attr(member, attribute) else None
+    )
+    if not tensors:
+        return None
+    if len(tensors) != 1:
+        raise ValueError(
+            f"Every member must have one {attribute[:-1]}. Member {index} "
+            f"('{member.name}') has {len(tensors)}."
+        )
+    return tensors[0]
+
+
 def member_shapes(member, index):
     """(input_shape, output_shape) of a built single-input, single-output model."""
     if not member.built:
@@ -13,15 +29,10 @@ def member_shapes(member, index):
             f"Member {index} ('{member.name}') is not built: call it on data or "
             "call `model.build(input_shape)` first."
         )
-    inputs = getattr(member, "inputs", None) if _has_attr(member, "inputs") else None
-    if inputs:
-        if len(inputs) != 1:
-            raise ValueError(
-                f"Every member must have one input. Member {index} "
-                f"('{member.name}') has {len(inputs)}."
-            )
-        input_shape = tuple(inputs[0].shape)
-        input_dtype = inputs[0].dtype
+    tensor = _single_tensor(member, index, "inputs")
+    if tensor is not None:
+        input_shape = tuple(tensor.shape)
+        input_dtype = tensor.dtype
     else:
         build_config = member.get_build_config() or {}
         input_shape = build_config.get("input_shape")
@@ -36,14 +47,9 @@ def member_shapes(member, index):
             )
         input_shape = (None,) + tuple(input_shape)[1:]
         input_dtype = "float32"
-    outputs = getattr(member, "outputs", None) if _has_attr(member, "outputs") else None
-    if outputs:
-        if len(outputs) != 1:
-            raise ValueError(
-                f"Every member must have one output. Member {index} "
-                f"('{member.name}') has {len(outputs)}."
-            )
-        output_shape = tuple(outputs[0].shape)
+    tensor = _single_tensor(member, index, "outputs")
+    if tensor is not None:
+        output_shape = tuple(tensor.shape)
     else:
         spec = member.compute_output_spec(
             keras.KerasTensor(input_shape, dtype=input_dtype)

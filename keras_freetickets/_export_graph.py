@@ -207,15 +207,8 @@ class _MemberRunner:
         self.dense_fallbacks = []  # readable descriptions
         self.graph = _graph_of(member) if compact else None
         if compact and self.graph is None:
-            sparse = [
-                v.path for v in prunable.prunable_variables(member.weights)
-                if _codec.bitmap_is_smaller(_numpy(v))
-            ]
-            if sparse:
-                self.dense_fallbacks.append(
-                    f"member {index} ('{member.name}') is not a Sequential or "
-                    f"Functional model: its sparse kernels {sparse} are stored dense"
-                )
+            self._fall_back(member.weights,
+                            " is not a Sequential or Functional model")
         if self.graph is not None:
             self._plan(self.graph)
 
@@ -239,16 +232,21 @@ class _MemberRunner:
                         kind, _CompactKernel(value, self.kernel_mode)
                     )
                 continue
-            sparse = [
-                v.path for v in prunable.prunable_variables(layer.weights)
-                if _codec.bitmap_is_smaller(_numpy(v))
-            ]
-            if sparse:
-                self.dense_fallbacks.append(
-                    f"member {self.index} ('{self.member.name}'), layer "
-                    f"'{layer.name}' ({type(layer).__name__}) has no compact "
-                    f"implementation: its sparse kernels {sparse} are stored dense"
-                )
+            self._fall_back(
+                layer.weights, f", layer '{layer.name}' ({type(layer).__name__}) "
+                "has no compact implementation")
+
+    def _fall_back(self, weights, reason):
+        """Notes the sparse kernels among `weights` that stay dense, and why."""
+        sparse = [
+            v.path for v in prunable.prunable_variables(weights)
+            if _codec.bitmap_is_smaller(_numpy(v))
+        ]
+        if sparse:
+            self.dense_fallbacks.append(
+                f"member {self.index} ('{self.member.name}'){reason}: its "
+                f"sparse kernels {sparse} are stored dense"
+            )
 
     def __call__(self, inputs):
         if self.graph is None:

@@ -12,7 +12,9 @@ import math
 
 import numpy as np
 
+from keras_freetickets import _keras_compat as compat
 from keras_freetickets import prunable
+from keras_freetickets._validation import check_fraction
 
 
 def _spatial(shape, data_format):
@@ -99,7 +101,7 @@ def _zeros_inputs(model, input_shape):
     if model_inputs and len(model_inputs) == len(shapes):
         dtypes = [str(getattr(t, "dtype", "float32")) for t in model_inputs]
     arrays = [np.zeros((1,) + s, dtype=d) for s, d in zip(shapes, dtypes)]
-    struct = getattr(model, "_inputs_struct", None)
+    struct = compat.inputs_struct(model)
     if struct is not None and model_inputs and len(model_inputs) == len(arrays):
         flat = iter(arrays)
         return keras.tree.map_structure(lambda _: next(flat), struct)
@@ -112,11 +114,11 @@ def trace_calls(model, input_shape):
     inputs = _zeros_inputs(model, input_shape)
     sublayers = [
         layer
-        for layer in model._flatten_layers(include_self=True, recursive=True)
+        for layer in compat.flatten_layers(model)
         if prunable.kernel_roles(layer)
     ]
     if not all(
-        layer.built for layer in model._flatten_layers(include_self=True)
+        layer.built for layer in compat.flatten_layers(model)
     ):
         # Building a subclassed model may trace `call` once more; do it
         # before recording.
@@ -176,16 +178,7 @@ def densities_from(model, densities, masks):
     result = {}
     if densities is not None:
         for path, value in _match(densities, paths, "densities").items():
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, (int, float, np.integer, np.floating))
-                or not 0.0 <= float(value) <= 1.0
-            ):
-                raise ValueError(
-                    "Argument `densities` must map to values in [0, 1]. "
-                    f"Received: densities[{path!r}]={value!r}"
-                )
-            result[path] = float(value)
+            result[path] = check_fraction(f"densities[{path!r}]", value, "[0, 1]")
     if masks is not None:
         for path, mask in _match(masks, paths, "masks").items():
             array = np.asarray(keras.ops.convert_to_numpy(mask), dtype=np.float64)

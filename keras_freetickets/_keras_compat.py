@@ -4,9 +4,14 @@ Keras 3 has no public API for a few things this library must do: hook an
 optimizer's per-variable update, find an optimizer's key for a variable, read
 an optimizer's raw learning rate (float or schedule), find the strategy a
 model or optimizer was built under, build a model from one batch as `fit`
-does, build optimizer state outside Keras' attribute tracking, and walk a
-functional model's graph (its layers, their kernels, the call context). Each is one function here; `tests/test_keras_compat.py` pins them against the installed
-Keras, and `check_version` warns outside the tested range.
+does, build optimizer state outside Keras' attribute tracking, walk a
+functional model's graph (its layers, their kernels, the call context), set
+the epoch `fit` starts from, and replace the first-batch build of `fit` under
+a multi-worker strategy (with TensorFlow's private test for one). Each is one
+function or name here; `tests/test_keras_compat.py` pins them against the
+installed Keras and TensorFlow, and `check_version` warns outside the tested
+range. No other module of the package touches a private attribute of a Keras
+or TensorFlow object.
 """
 
 import warnings
@@ -63,6 +68,76 @@ def symbolic_build(model, data_batch):
     """Builds `model` (and its metrics) from one batch, as `fit` does on its
     first step (`Trainer._symbolic_build`)."""
     model._symbolic_build(data_batch=data_batch)
+
+
+def needs_symbolic_build(model):
+    """True while some layer of `model`, or its compiled metrics, is not
+    built yet (what `symbolic_build` would build)."""
+    metrics = model._compile_metrics
+    return not all(layer.built for layer in flatten_layers(model)) or (
+        metrics is not None and not metrics.built
+    )
+
+
+def flatten_layers(model, include_self=True, recursive=True):
+    """`model`'s layers, nested ones included, each once (Keras'
+    `Layer._flatten_layers`)."""
+    return list(model._flatten_layers(
+        include_self=include_self, recursive=recursive))
+
+
+def set_initial_epoch(model, epoch):
+    """Makes `model.fit` start at `epoch`, as Keras' own BackupAndRestore
+    does on restore."""
+    model._initial_epoch = int(epoch)
+
+
+def inputs_struct(model):
+    """The nested structure of a Functional model's inputs (None for other
+    models)."""
+    return getattr(model, "_inputs_struct", None)
+
+
+def optimizer_own_variables(optimizer):
+    """The variables `optimizer` itself created (`iterations`, learning
+    rate, slots), without those of an optimizer it wraps."""
+    return optimizer._variables
+
+
+def optimizer_trainable_variables(optimizer):
+    """The model variables `optimizer` was built for, in build order."""
+    return optimizer._trainable_variables
+
+
+def in_multi_worker_mode(strategy):
+    """True when `strategy` (a tf.distribute strategy) spans more than one
+    worker (TensorFlow's `StrategyExtended._in_multi_worker_mode`)."""
+    return bool(strategy.extended._in_multi_worker_mode())
+
+
+def is_default_strategy(strategy):
+    """True for TensorFlow's default (no-op) strategy, the one in place
+    outside any `strategy.scope()`."""
+    return type(strategy).__name__ == "_DefaultDistributionStrategy"
+
+
+# The Trainer method that builds a model from its first batch in `fit` and
+# `evaluate` (`_maybe_symbolic_build(iterator=None, data_batch=None)`).
+MAYBE_SYMBOLIC_BUILD = "_maybe_symbolic_build"
+
+
+def override_maybe_symbolic_build(cls, wrapper):
+    """Makes class `cls` (a mixin placed before `keras.Model`) run
+    `wrapper(model, base, iterator, data_batch)` where Keras builds the model
+    from its first batch; `base` is the implementation `cls` overrides."""
+
+    def method(self, iterator=None, data_batch=None):
+        base = getattr(super(cls, self), MAYBE_SYMBOLIC_BUILD)
+        return wrapper(self, base, iterator, data_batch)
+
+    method.__name__ = MAYBE_SYMBOLIC_BUILD
+    method.__qualname__ = f"{cls.__qualname__}.{MAYBE_SYMBOLIC_BUILD}"
+    setattr(cls, MAYBE_SYMBOLIC_BUILD, method)
 
 
 def sequential_graph(model):

@@ -20,7 +20,7 @@ def is_multi_worker(strategy):
 
     return isinstance(
         strategy, tf.distribute.MultiWorkerMirroredStrategy
-    ) and bool(strategy.extended._in_multi_worker_mode())
+    ) and compat.in_multi_worker_mode(strategy)
 
 
 def _local_batch(strategy, batch):
@@ -107,7 +107,7 @@ def _make_function(model, base, force=False):
 
 
 _WRAPPERS = {
-    "_maybe_symbolic_build": _build,
+    compat.MAYBE_SYMBOLIC_BUILD: _build,
     "train_step": _step,
     "test_step": _step,
     "make_train_function": _make_function,
@@ -140,8 +140,7 @@ class MultiWorkerModelMixin:
     ```
     """
 
-    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
-        _build(self, super()._maybe_symbolic_build, iterator, data_batch)
+    # Keras' first-batch build is overridden below, through _keras_compat.
 
     def train_step(self, data):
         return _step(self, super().train_step, data)
@@ -154,6 +153,9 @@ class MultiWorkerModelMixin:
 
     def make_test_function(self, force=False):
         return _make_function(self, super().make_test_function, force=force)
+
+
+compat.override_maybe_symbolic_build(MultiWorkerModelMixin, _build)
 
 
 def prepare_model(model, strategy=None):
@@ -199,7 +201,7 @@ def prepare_model(model, strategy=None):
             f"Received: strategy={strategy!r}"
         )
     own = compat.strategy_of(model)
-    if not _is_default(strategy) and own is not strategy:
+    if not compat.is_default_strategy(strategy) and own is not strategy:
         raise ValueError(
             "The model must be created inside `strategy.scope()` of the "
             "strategy it trains under. Received: a model created under "
@@ -225,8 +227,3 @@ def _bound(wrapper, model, base):
         return wrapper(model, base, *args, **kwargs)
 
     return method
-
-
-def _is_default(strategy):
-    """True for TensorFlow's default (no-op) strategy."""
-    return type(strategy).__name__ == "_DefaultDistributionStrategy"

@@ -2,6 +2,8 @@
 
 import numpy as np
 
+from keras_freetickets import _keras_compat as compat
+
 
 class SparseStateQueries:
     """Masks, per-layer statistics, invariants, sizes and return rates."""
@@ -77,7 +79,7 @@ class SparseStateQueries:
                     np.count_nonzero(layer.ever_active.numpy()) / layer.size
                 ),
             ))
-        order = {v.path: i for i, v in enumerate(self._trainable_variables)}
+        order = {v.path: i for i, v in enumerate(compat.optimizer_trainable_variables(self))}
         return sorted(stats, key=lambda s: order.get(s["path"], 0))
 
     def check_invariants(self):
@@ -108,7 +110,7 @@ class SparseStateQueries:
         self._require_built()
         return int(sum(
             np.prod(v.shape) * np.dtype(v.dtype).itemsize
-            for v in self._variables
+            for v in compat.optimizer_own_variables(self)
         ))
 
     def overall_stats(self, stats=None):

@@ -29,6 +29,11 @@ import uuid
 import keras
 import numpy as np
 
+from keras_freetickets import _keras_compat as compat
+from keras_freetickets._config import ArgumentsConfig
+from keras_freetickets._validation import check_bool
+from keras_freetickets._validation import is_int
+
 _CKPT = re.compile(r"^ckpt-(\d+)$")
 _WEIGHTS = "model.weights.h5"
 _METADATA = "training_metadata.json"
@@ -37,7 +42,7 @@ _FORMAT = "keras_freetickets.backup"
 
 
 @keras.saving.register_keras_serializable(package="keras_freetickets")
-class BackupAndRestore(keras.callbacks.Callback):
+class BackupAndRestore(ArgumentsConfig, keras.callbacks.Callback):
     """Backs up the training state crash-consistently and resumes from it.
 
     Same arguments and behaviour as `keras.callbacks.BackupAndRestore`: the
@@ -82,6 +87,9 @@ class BackupAndRestore(keras.callbacks.Callback):
     ```
     """
 
+    CONFIG_ARGUMENTS = (
+        "backup_dir", "save_freq", "double_checkpoint", "delete_checkpoint")
+
     def __init__(self, backup_dir, save_freq="epoch", double_checkpoint=False,
                  delete_checkpoint=True):
         super().__init__()
@@ -92,21 +100,13 @@ class BackupAndRestore(keras.callbacks.Callback):
                 "Argument `backup_dir` must be a non-empty folder path. "
                 f"Received: backup_dir={backup_dir!r}"
             )
-        if save_freq != "epoch" and (
-            isinstance(save_freq, bool)
-            or not isinstance(save_freq, (int, np.integer))
-            or save_freq < 1
-        ):
+        if save_freq != "epoch" and (not is_int(save_freq) or save_freq < 1):
             raise ValueError(
                 "Argument `save_freq` must be 'epoch' or an integer >= 1. "
                 f"Received: save_freq={save_freq!r}"
             )
-        for name, value in (("double_checkpoint", double_checkpoint),
-                            ("delete_checkpoint", delete_checkpoint)):
-            if not isinstance(value, (bool, np.bool_)):
-                raise ValueError(
-                    f"Argument `{name}` must be a bool. Received: {name}={value!r}"
-                )
+        check_bool("double_checkpoint", double_checkpoint)
+        check_bool("delete_checkpoint", delete_checkpoint)
         self.backup_dir = os.fspath(backup_dir)
         self.save_freq = save_freq if save_freq == "epoch" else int(save_freq)
         self.double_checkpoint = bool(double_checkpoint)
@@ -157,7 +157,7 @@ class BackupAndRestore(keras.callbacks.Callback):
             except Exception as e:
                 errors.append(f"{folder}: {type(e).__name__}: {e}")
                 continue
-            self.model._initial_epoch = int(metadata["epoch"])
+            compat.set_initial_epoch(self.model, metadata["epoch"])
             self._current_epoch = int(metadata["epoch"])
             self.restored_from = folder
             return
@@ -236,17 +236,6 @@ class BackupAndRestore(keras.callbacks.Callback):
             if ".tmp-" in name:
                 _remove(os.path.join(self.backup_dir, name))
 
-    def get_config(self):
-        return {
-            "backup_dir": self.backup_dir,
-            "save_freq": self.save_freq,
-            "double_checkpoint": self.double_checkpoint,
-            "delete_checkpoint": self.delete_checkpoint,
-        }
-
-    @classmethod
-    def from_config(cls, config):
-        return cls(**config)
 
 
 def list_checkpoints(backup_dir):

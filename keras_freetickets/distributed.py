@@ -32,10 +32,12 @@ import re
 
 import keras
 
+from keras_freetickets import _keras_compat as compat
 from keras_freetickets._multiworker import MultiWorkerModelMixin
 from keras_freetickets._multiworker import is_multi_worker
 from keras_freetickets._multiworker import prepare_model
 from keras_freetickets._tf_config import read_tf_config
+from keras_freetickets._validation import check_bool
 
 __all__ = [
     "STRATEGY_NAMES", "TPU_REJECTED_OPS", "task_info", "is_chief",
@@ -290,11 +292,8 @@ def tpu_compatibility_problems(model, data):
             f" Received: {type(data).__name__}"
         )
     data = keras.tree.map_structure(tf.convert_to_tensor, tuple(data))
-    if not all(layer.built for layer in model._flatten_layers()) or (
-        model._compile_metrics is not None
-        and not model._compile_metrics.built
-    ):
-        model._symbolic_build(data_batch=data)
+    if compat.needs_symbolic_build(model):
+        compat.symbolic_build(model, data)
     if model.optimizer is not None and not model.optimizer.built:
         model.optimizer.build(model.trainable_variables)
 
@@ -365,11 +364,7 @@ class ChiefOnly(keras.callbacks.Callback):
                 "Argument `callback` must be a `keras.callbacks.Callback`. "
                 f"Received: callback={callback!r}"
             )
-        if chief is not None and not isinstance(chief, bool):
-            raise ValueError(
-                "Argument `chief` must be a bool or None. "
-                f"Received: chief={chief!r}"
-            )
+        chief = check_bool("chief", chief, allow_none=True)
         self.callback = callback
         self.chief = is_chief() if chief is None else chief
 

@@ -25,7 +25,10 @@ make up for them, so that the global target still holds.
 
 import math
 
-import numpy as np
+from keras_freetickets._validation import check_fraction
+from keras_freetickets._validation import check_int
+from keras_freetickets._validation import check_number
+from keras_freetickets._validation import is_number
 
 __all__ = [
     "active_count",
@@ -37,19 +40,6 @@ __all__ = [
     "resolve_counts",
     "uniform",
 ]
-
-
-def _check_sparsity(sparsity):
-    if (
-        isinstance(sparsity, bool)
-        or not isinstance(sparsity, (int, float, np.integer, np.floating))
-        or not 0.0 <= float(sparsity) < 1.0
-    ):
-        raise ValueError(
-            "Argument `sparsity` must be in [0, 1). "
-            f"Received: sparsity={sparsity!r}"
-        )
-    return float(sparsity)
 
 
 def _check_shapes(shapes):
@@ -94,21 +84,12 @@ def _check_overrides(overrides, shapes):
                 f"prunable weights {list(shapes)}. "
                 f"Received: overrides={overrides!r}"
             )
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, (int, float, np.integer, np.floating))
-            or not 0.0 <= float(value) < 1.0
-        ):
-            raise ValueError(
-                "Argument `overrides` must map to sparsities in [0, 1). "
-                f"Received: overrides[{name!r}]={value!r}"
-            )
-        checked[name] = float(value)
+        checked[name] = check_fraction(f"overrides[{name!r}]", value, "[0, 1)")
     return checked
 
 
 def _check_all(shapes, sparsity, overrides):
-    sparsity = _check_sparsity(sparsity)
+    sparsity = check_fraction("sparsity", sparsity, "[0, 1)")
     shapes = _check_shapes(shapes)
     overrides = _check_overrides(overrides, shapes)
     return shapes, sparsity, overrides
@@ -272,16 +253,7 @@ def erdos_renyi_kernel(shapes, sparsity, overrides=None, power_scale=1.0):
     >>> s["d3/kernel"]
     0.0
     """
-    if (
-        isinstance(power_scale, bool)
-        or not isinstance(power_scale, (int, float, np.integer, np.floating))
-        or not math.isfinite(power_scale)
-        or power_scale < 0
-    ):
-        raise ValueError(
-            "Argument `power_scale` must be a finite float >= 0. "
-            f"Received: power_scale={power_scale!r}"
-        )
+    check_number("power_scale", power_scale, 0)
     shapes, sparsity, overrides = _check_all(shapes, sparsity, overrides)
     scores = {
         name: (sum(shape) / math.prod(shape)) ** float(power_scale)
@@ -364,11 +336,7 @@ def compute_sparsities(shapes, sparsity, distribution="erk", overrides=None):
     checked = {}
     for name in shapes:
         value = result[name]
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, (int, float, np.integer, np.floating))
-            or not 0.0 <= float(value) < 1.0
-        ):
+        if not is_number(value) or not 0.0 <= value < 1.0:
             raise ValueError(
                 "A distribution must return sparsities in [0, 1). Received: "
                 f"{name!r} -> {value!r} from distribution={distribution!r}"
@@ -392,18 +360,8 @@ def active_count(num_weights, layer_sparsity):
     >>> active_count(1000, 0.8)
     200
     """
-    if isinstance(num_weights, bool) or int(num_weights) != num_weights or (
-        num_weights < 0
-    ):
-        raise ValueError(
-            "Argument `num_weights` must be an int >= 0. "
-            f"Received: num_weights={num_weights!r}"
-        )
-    if not 0.0 <= float(layer_sparsity) <= 1.0:
-        raise ValueError(
-            "Argument `layer_sparsity` must be in [0, 1]. "
-            f"Received: layer_sparsity={layer_sparsity!r}"
-        )
+    check_int("num_weights", num_weights, 0)
+    check_fraction("layer_sparsity", layer_sparsity, "[0, 1]")
     count = int(math.floor((1.0 - float(layer_sparsity)) * int(num_weights) + 0.5))
     return min(max(count, 0), int(num_weights))
 

@@ -7,10 +7,13 @@ import os
 import keras
 
 from keras_freetickets import members as members_lib
+from keras_freetickets._validation import check_fraction
 from keras_freetickets._validation import check_int
 from keras_freetickets.member_checkpoint import MemberCheckpoint
-from keras_freetickets.members import missing_members  # noqa: F401 (dst API)
 from keras_freetickets.sparse_optimizer import SparseOptimizer
+
+# Part of dst's API: which members of a run are still to be trained.
+missing_members = members_lib.missing_members
 
 MEMBER_INDEX_ENV = "KFT_MEMBER_INDEX"
 
@@ -119,11 +122,7 @@ def train_dst_ensemble(
                 f"Argument `member_index` must be < num_members "
                 f"({num_members}). Received: member_index={member_index}"
             )
-    if not 0.0 < update_end_fraction <= 1.0:
-        raise ValueError(
-            "Argument `update_end_fraction` must be in (0, 1]. "
-            f"Received: update_end_fraction={update_end_fraction!r}"
-        )
+    check_fraction("update_end_fraction", update_end_fraction)
     for key in ("seed", "total_steps", "update_end_step"):
         if key in sparse_kwargs:
             raise ValueError(

@@ -9,10 +9,13 @@ import keras
 from keras_freetickets import _edst_levers
 from keras_freetickets import _keras_compat as compat
 from keras_freetickets import members as members_lib
+from keras_freetickets._config import ArgumentsConfig
 from keras_freetickets.member_checkpoint import MemberCheckpoint
 from keras_freetickets.schedules import LEARNING_RATE_PLANS
 from keras_freetickets.schedules import learning_rate_factor
 from keras_freetickets._validation import check_int
+from keras_freetickets._validation import check_number
+from keras_freetickets._validation import check_one_of
 from keras_freetickets.sparsity_monitor import find_sparse_optimizer
 
 
@@ -21,7 +24,7 @@ OFFICIAL_LEVERS = _edst_levers.OFFICIAL_LEVERS
 
 
 @keras.saving.register_keras_serializable(package="keras_freetickets")
-class EDSTCallback(keras.callbacks.Callback):
+class EDSTCallback(ArgumentsConfig, keras.callbacks.Callback):
     """Trains an EDST ensemble: M sparse members from ONE training run.
 
     The run starts with `exploration_epochs` of ordinary dynamic sparse
@@ -116,6 +119,12 @@ class EDSTCallback(keras.callbacks.Callback):
     ```
     """
 
+    # With the levers of `_lever_config`.
+    CONFIG_ARGUMENTS = (
+        "num_members", "exploration_epochs", "refinement_epochs",
+        "global_drop_fraction", "member_dir", "global_grow",
+        "base_learning_rate", "quiet_steps", "monitor", "mode")
+
     def __init__(
         self,
         num_members=3,
@@ -156,18 +165,11 @@ class EDSTCallback(keras.callbacks.Callback):
         if save_best is not None:
             monitor = save_best
         if save_best_mode is not None:
-            if save_best_mode not in ("min", "max"):
-                raise ValueError(
-                    "Argument `save_best_mode` must be 'min' or 'max'. "
-                    f"Received: save_best_mode={save_best_mode!r}"
-                )
+            check_one_of("save_best_mode", save_best_mode, ("min", "max"))
             mode = save_best_mode
 
-        if base_learning_rate is not None and not base_learning_rate > 0:
-            raise ValueError(
-                "Argument `base_learning_rate` must be > 0. "
-                f"Received: base_learning_rate={base_learning_rate!r}"
-            )
+        if base_learning_rate is not None:
+            check_number("base_learning_rate", base_learning_rate, 0, strict=True)
         self.num_members = int(num_members)
         self.exploration_epochs = int(exploration_epochs)
         self.refinement_epochs = int(refinement_epochs)
@@ -379,20 +381,4 @@ class EDSTCallback(keras.callbacks.Callback):
                 f"{list(LEARNING_RATE_PLANS)} with `restart_height`. "
                 f"Received: learning_rate_plan={self.learning_rate_plan!r}"
             )
-        return {
-            **self._lever_config(),
-            "num_members": self.num_members,
-            "exploration_epochs": self.exploration_epochs,
-            "refinement_epochs": self.refinement_epochs,
-            "global_drop_fraction": self.global_drop_fraction,
-            "member_dir": self.member_dir,
-            "global_grow": self.global_grow,
-            "base_learning_rate": self.base_learning_rate,
-            "quiet_steps": self.quiet_steps,
-            "monitor": self.monitor,
-            "mode": self.mode,
-        }
-
-    @classmethod
-    def from_config(cls, config):
-        return cls(**config)
+        return {**self._lever_config(), **super().get_config()}

@@ -13,6 +13,8 @@ from keras_freetickets._ensemble_batched import live_weight
 from keras_freetickets._ensemble_checks import check_output_kind
 from keras_freetickets._ensemble_checks import check_probabilities
 from keras_freetickets._ensemble_checks import member_shapes
+from keras_freetickets._validation import check_bool
+from keras_freetickets._validation import check_one_of
 
 _OUTPUT_KINDS = ("logits", "probabilities")
 
@@ -84,10 +86,7 @@ class FreeTicketsEnsemble(keras.Model):
     def __init__(self, members, output="logits", batched=False, name=None,
                  **kwargs):
         super().__init__(name=name, **kwargs)
-        if not isinstance(batched, (bool, np.bool_)):
-            raise ValueError(
-                f"Argument `batched` must be a bool. Received: batched={batched!r}"
-            )
+        check_bool("batched", batched)
         if isinstance(members, keras.Model) or not isinstance(members, (list, tuple)):
             raise ValueError(
                 "Argument `members` must be a list of Keras models. "
@@ -109,11 +108,7 @@ class FreeTicketsEnsemble(keras.Model):
                 "Every member must be a distinct model object; the same model "
                 "was passed more than once."
             )
-        if output not in _OUTPUT_KINDS:
-            raise ValueError(
-                f"Argument `output` must be one of {_OUTPUT_KINDS}. "
-                f"Received: output={output!r}"
-            )
+        check_one_of("output", output, _OUTPUT_KINDS)
         shapes = [member_shapes(m, i) for i, m in enumerate(members)]
         input_shapes = {tuple(s[0][1:]) for s in shapes}
         output_shapes = {tuple(s[1][1:]) for s in shapes}

@@ -84,7 +84,6 @@ import uuid
 import warnings
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 from keras_freetickets._export_graph import _ConstantWeights
@@ -94,6 +93,8 @@ from keras_freetickets._export_graph import _check_inputs
 from keras_freetickets._export_graph import _summaries
 from keras_freetickets._export_graph import _warn_dense_fallbacks
 from keras_freetickets._member_file import _fsync_dir
+from keras_freetickets._validation import check_bool
+from keras_freetickets._validation import check_one_of
 
 INPUT_NAME = "inputs"
 """The name of the serving signatures' single input."""
@@ -180,16 +181,10 @@ def export_ensemble(ensemble, path, overwrite=False, compact=True, verbose=False
             "Argument `ensemble` must be a `FreeTicketsEnsemble`. Received: "
             f"ensemble={ensemble!r} of type {type(ensemble).__name__}"
         )
-    for name, value in (("overwrite", overwrite), ("compact", compact), ("verbose", verbose)):
-        if not isinstance(value, (bool, np.bool_)):
-            raise ValueError(
-                f"Argument `{name}` must be a bool. Received: {name}={value!r}"
-            )
-    if not isinstance(kernel_mode, str) or kernel_mode not in KERNEL_MODES:
-        raise ValueError(
-            f"Argument `kernel_mode` must be one of {KERNEL_MODES}. "
-            f"Received: kernel_mode={kernel_mode!r}"
-        )
+    check_bool("overwrite", overwrite)
+    check_bool("compact", compact)
+    check_bool("verbose", verbose)
+    check_one_of("kernel_mode", kernel_mode, KERNEL_MODES)
     if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
         raise ValueError(
             f"Argument `path` must be a non-empty path. Received: path={path!r}"

@@ -34,14 +34,15 @@ example (forward `f_S`, backward `2 f_S`), a mask-update step `2 f_S + f_D`
 
 import math
 
-import numpy as np
-
 from keras_freetickets import prunable
 from keras_freetickets._flops_trace import (
     densities_from,
     kernel_positions,
     trace_calls,
 )
+from keras_freetickets._validation import check_int
+from keras_freetickets._validation import check_number
+from keras_freetickets._validation import check_one_of
 
 __all__ = [
     "METHODS",
@@ -168,31 +169,6 @@ def dense_forward_flops(model, input_shape=None):
     return int(sum(row["dense_flops"] for row in rows))
 
 
-def _check_nonneg_number(value, name):
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float, np.integer, np.floating))
-        or not math.isfinite(value)
-        or value < 0
-    ):
-        raise ValueError(
-            f"Argument `{name}` must be a finite number >= 0. "
-            f"Received: {name}={value!r}"
-        )
-
-
-def _check_count(value, name, minimum=0):
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, np.integer))
-        or value < minimum
-    ):
-        raise ValueError(
-            f"Argument `{name}` must be an int >= {minimum}. "
-            f"Received: {name}={value!r}"
-        )
-
-
 def training_flops(f_sparse, f_dense, num_steps, num_update_steps, batch_size):
     """Total training FLOPs of one run under RigL's accounting.
 
@@ -218,22 +194,22 @@ def training_flops(f_sparse, f_dense, num_steps, num_update_steps, batch_size):
     ...                batch_size=2)
     1360.0
     """
-    _check_nonneg_number(f_sparse, "f_sparse")
-    _check_nonneg_number(f_dense, "f_dense")
+    check_number("f_sparse", f_sparse, 0)
+    check_number("f_dense", f_dense, 0)
     if f_sparse > f_dense * (1 + 1e-12):
         raise ValueError(
             "Argument `f_sparse` must not exceed `f_dense`. "
             f"Received: f_sparse={f_sparse}, f_dense={f_dense}"
         )
-    _check_count(num_steps, "num_steps")
-    _check_count(num_update_steps, "num_update_steps")
+    check_int("num_steps", num_steps, 0)
+    check_int("num_update_steps", num_update_steps, 0)
     if num_update_steps > num_steps:
         raise ValueError(
             "Argument `num_update_steps` must not exceed `num_steps`. "
             f"Received: num_update_steps={num_update_steps}, "
             f"num_steps={num_steps}"
         )
-    _check_count(batch_size, "batch_size", minimum=1)
+    check_int("batch_size", batch_size, 1)
     ordinary = (num_steps - num_update_steps) * 3.0 * f_sparse
     updates = num_update_steps * (2.0 * f_sparse + f_dense)
     return float(batch_size * (ordinary + updates))
@@ -277,12 +253,8 @@ def ensemble_training_flops(
     ...                         batch_size=1, num_members=3)
     9000.0
     """
-    if method not in METHODS:
-        raise ValueError(
-            f"Argument `method` must be one of {list(METHODS)}. "
-            f"Received: method={method!r}"
-        )
-    _check_count(num_members, "num_members", minimum=1)
+    check_one_of("method", method, METHODS)
+    check_int("num_members", num_members, 1)
     if method in ("dense", "dense_ensemble"):
         one = training_flops(f_dense, f_dense, steps, 0, batch_size)
         return one * (num_members if method == "dense_ensemble" else 1)

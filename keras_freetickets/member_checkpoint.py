@@ -6,6 +6,7 @@ import keras
 
 from keras_freetickets import members as members_lib
 from keras_freetickets._tf_config import read_tf_config
+from keras_freetickets._validation import check_one_of
 
 MODES = ("auto", "min", "max")
 _MAXIMIZED = ("acc", "auc", "precision", "recall", "f1")
@@ -58,11 +59,7 @@ class MemberCheckpoint(keras.callbacks.Callback):
                 "Argument `member_dir` must be a directory path. "
                 f"Received: member_dir={member_dir!r}"
             )
-        if mode not in MODES:
-            raise ValueError(
-                f"Argument `mode` must be one of {list(MODES)}. "
-                f"Received: mode={mode!r}"
-            )
+        check_one_of("mode", mode, MODES)
         if monitor is not None and not (isinstance(monitor, str) and monitor):
             raise ValueError(
                 "Argument `monitor` must be a metric name or None. "

@@ -51,6 +51,7 @@ import numpy as np
 from keras_freetickets import _codec
 from keras_freetickets import prunable
 from keras_freetickets._validation import check_int
+from keras_freetickets._validation import check_number
 from keras_freetickets._mask_overlap import mask_overlap
 from keras_freetickets._mask_overlap import pairwise_mask_overlap
 from keras_freetickets._member_file import _CONFIG
@@ -277,10 +278,7 @@ def read_member_metadata(path):
 
 def member_path(member_dir, index):
     """Returns the path of member `index` in `member_dir`: `member_<index>.kftm`."""
-    if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or index < 0:
-        raise ValueError(
-            f"Argument `index` must be an integer >= 0. Received: index={index!r}"
-        )
+    check_int("index", index, 0)
     return os.path.join(os.fspath(member_dir), f"member_{int(index)}{MEMBER_EXTENSION}")
 
 
@@ -387,20 +385,8 @@ def wait_for_members(member_dir, num_members, timeout_s=3600.0, poll_s=5.0):
     ```
     """
     check_int("num_members", num_members, 1)
-    if isinstance(timeout_s, bool) or not isinstance(
-        timeout_s, (int, float)
-    ) or timeout_s < 0:
-        raise ValueError(
-            "Argument `timeout_s` must be a number >= 0. "
-            f"Received: timeout_s={timeout_s!r}"
-        )
-    if isinstance(poll_s, bool) or not isinstance(
-        poll_s, (int, float)
-    ) or poll_s <= 0:
-        raise ValueError(
-            "Argument `poll_s` must be a number > 0. "
-            f"Received: poll_s={poll_s!r}"
-        )
+    check_number("timeout_s", timeout_s, 0)
+    check_number("poll_s", poll_s, 0, strict=True)
     deadline = time.monotonic() + float(timeout_s)
     while True:
         missing = (

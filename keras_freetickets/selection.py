@@ -34,6 +34,9 @@ reproduced).
 
 import tensorflow as tf
 
+from keras_freetickets._validation import check_bool
+from keras_freetickets._validation import check_int
+
 __all__ = ["largest_flags", "select_smallest", "smallest_active_flags"]
 
 _INT32_MAX = 2**31 - 1
@@ -164,22 +167,27 @@ def _flat_k(k, k_max):
     return tf.minimum(tf.cast(k, tf.int32), k_max)
 
 
-def _check_k_max(k_max, n):
-    if isinstance(k_max, bool) or not isinstance(k_max, int) or not 0 <= k_max <= n:
-        raise ValueError(
-            f"Argument `k_max` must be a Python int in [0, {n}] (the number of "
-            f"entries). Received: k_max={k_max!r}"
-        )
-
-
 def _use_radix(radix, n):
-    if radix is None:
-        return n >= RADIX_MIN_SIZE
-    if not isinstance(radix, bool):
-        raise ValueError(
-            f"Argument `radix` must be a bool or None. Received: radix={radix!r}"
-        )
-    return radix
+    radix = check_bool("radix", radix, allow_none=True)
+    return n >= RADIX_MIN_SIZE if radix is None else radix
+
+
+def _select(values, flags, k, k_max, radix, top_k_score, radix_keys):
+    """The body of both selections: the k entries among `flags` of largest
+    `top_k_score(values)`, by `top_k` or, equally, by the radix select of the
+    k smallest `radix_keys(values)` (entries outside `flags` come last)."""
+    values = tf.reshape(values, [-1])
+    flags = tf.reshape(tf.cast(flags, tf.bool), [-1])
+    n = values.shape[0]
+    k_max = check_int("k_max", k_max, 0, n)
+    if not _use_radix(radix, n):
+        score = tf.where(flags, top_k_score(values), float("-inf"))
+        return _top_k_flags(score, k, k_max)
+    # The sentinel only ties with itself; among those, index order decides,
+    # as top_k does among its -inf scores. A real key never reaches it: the
+    # largest non-NaN key is +inf's, 0x7F800000.
+    keys = tf.where(flags, radix_keys(values), _INT32_MAX)
+    return select_smallest(keys, _flat_k(k, k_max))
 
 
 def _top_k_flags(score, k, k_max):
@@ -231,19 +239,9 @@ def smallest_active_flags(weights, mask, k, k_max, radix=None):
     smallest_active_flags(w, m, 2, 2)  # [False, True, False, True]
     ```
     """
-    weights = tf.reshape(weights, [-1])
-    mask = tf.reshape(tf.cast(mask, tf.bool), [-1])
-    _check_k_max(k_max, weights.shape[0])
-    if not _use_radix(radix, weights.shape[0]):
-        score = tf.where(mask, -tf.abs(weights), float("-inf"))
-        return _top_k_flags(score, k, k_max)
-    keys = _order_keys(tf.abs(weights))
-    keys = tf.where(mask, keys, _INT32_MAX)
-    k = _flat_k(k, k_max)
-    # The sentinel only ties with itself; among those, index order decides,
-    # as top_k does among its -inf scores. A real |w| key never reaches it:
-    # the largest non-NaN key is +inf's, 0x7F800000.
-    return select_smallest(keys, k)
+    return _select(weights, mask, k, k_max, radix,
+                   top_k_score=lambda w: -tf.abs(w),
+                   radix_keys=lambda w: _order_keys(tf.abs(w)))
 
 
 def largest_flags(score, candidates, k, k_max, radix=None):
@@ -275,13 +273,7 @@ def largest_flags(score, candidates, k, k_max, radix=None):
     largest_flags(g, c, 2, 2)  # [True, False, True, False]
     ```
     """
-    score = tf.reshape(score, [-1])
-    candidates = tf.reshape(tf.cast(candidates, tf.bool), [-1])
-    _check_k_max(k_max, score.shape[0])
-    if not _use_radix(radix, score.shape[0]):
-        score = tf.where(candidates, score, float("-inf"))
-        return _top_k_flags(score, k, k_max)
     # Larger score -> smaller key; ~key reverses the int32 order exactly.
-    keys = tf.bitwise.invert(_order_keys(score))
-    keys = tf.where(candidates, keys, _INT32_MAX)
-    return select_smallest(keys, _flat_k(k, k_max))
+    return _select(score, candidates, k, k_max, radix,
+                   top_k_score=lambda s: s,
+                   radix_keys=lambda s: tf.bitwise.invert(_order_keys(s)))

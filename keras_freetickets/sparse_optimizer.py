@@ -14,6 +14,7 @@ from keras_freetickets import distributions
 from keras_freetickets import prunable
 from keras_freetickets import schedules
 from keras_freetickets import updaters
+from keras_freetickets._validation import check_bool
 from keras_freetickets._validation import check_fraction
 from keras_freetickets._validation import check_int
 
@@ -147,11 +148,7 @@ class SparseOptimizer(
                 )
             check_fraction(f"overrides[{key!r}]", value, allow_zero=True)
         check_int("seed", seed, minimum=0)
-        if not isinstance(global_exploration, bool):
-            raise ValueError(
-                "Argument `global_exploration` must be True or False. "
-                f"Received: global_exploration={global_exploration!r}"
-            )
+        global_exploration = check_bool("global_exploration", global_exploration)
 
         super().__init__(learning_rate=0.0, name=name)
         self.inner_optimizer = inner_optimizer
@@ -367,7 +364,7 @@ class SparseOptimizer(
     # ------------------------------------------------------------ delegation
     @property
     def variables(self):
-        return self._variables + self.inner_optimizer.variables
+        return compat.optimizer_own_variables(self) + self.inner_optimizer.variables
 
     @property
     def learning_rate(self):

@@ -5,6 +5,7 @@ import os
 import keras
 import numpy as np
 
+from keras_freetickets._config import ArgumentsConfig
 from keras_freetickets.sparse_optimizer import SparseOptimizer
 
 
@@ -24,7 +25,7 @@ def find_sparse_optimizer(model_or_optimizer):
 
 
 @keras.saving.register_keras_serializable(package="keras_freetickets")
-class SparsityMonitor(keras.callbacks.Callback):
+class SparsityMonitor(ArgumentsConfig, keras.callbacks.Callback):
     """Logs the masks' density and rewiring, and checks their invariants.
 
     At the end of every epoch it adds to the logs (and so to `History`):
@@ -50,6 +51,8 @@ class SparsityMonitor(keras.callbacks.Callback):
     model.fit(x, y, epochs=2, callbacks=[kft.SparsityMonitor(log_dir="logs")])
     ```
     """
+
+    CONFIG_ARGUMENTS = ("log_dir", "per_layer", "strict")
 
     def __init__(self, log_dir=None, per_layer=True, strict=True):
         super().__init__()
@@ -118,16 +121,6 @@ class SparsityMonitor(keras.callbacks.Callback):
             self._writer.close()
             self._writer = None
 
-    def get_config(self):
-        return {
-            "log_dir": self.log_dir,
-            "per_layer": self.per_layer,
-            "strict": self.strict,
-        }
-
-    @classmethod
-    def from_config(cls, config):
-        return cls(**config)
 
 
 def sparsity_summary(model_or_optimizer, print_fn=print):

@@ -338,7 +338,7 @@ def test_as_dataset_shuffle_is_seeded(epoch_seeded):
 
 def test_as_dataset_invalid_arguments():
     x = np.zeros((5, 2), np.float32)
-    with pytest.raises(ValueError, match="Argument `batch_size` must be a positive int"):
+    with pytest.raises(ValueError, match="Argument `batch_size` must be an integer >= 1. Received: batch_size=0"):
         datasets.as_dataset(x, batch_size=0)
     with pytest.raises(ValueError, match=r"len\(x\)=5, len\(y\)=4"):
         datasets.as_dataset(x, np.zeros(4))

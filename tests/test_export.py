@@ -506,8 +506,8 @@ def test_argument_validation(tmp_path):
         ensemble.export("")
     with pytest.raises(
         ValueError,
-        match=r"Argument `kernel_mode` must be one of \('rebuild', 'rebuild_variables', "
-        r"'sparse_matmul'\)\. Received: kernel_mode='csr'",
+        match=r"Argument `kernel_mode` must be one of \['rebuild', 'rebuild_variables', "
+        r"'sparse_matmul'\]\. Received: kernel_mode='csr'",
     ):
         export_lib.export_ensemble(ensemble, str(tmp_path / "1"), kernel_mode="csr")
     with pytest.raises(ValueError, match="Argument `kernel_mode` must be one of"):

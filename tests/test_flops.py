@@ -223,7 +223,8 @@ def test_density_errors():
     model = mlp()
     path = kernel_paths(model)[0]
     for bad in (1.5, -0.1):
-        with pytest.raises(ValueError, match=r"values in \[0, 1\]"):
+        with pytest.raises(ValueError, match=r"Argument `densities\[.*\]` must be "
+                           r"in \[0, 1\]\. Received: densities\[.*\]=" + str(bad)):
             flops.forward_flops(model, {path: bad})
     with pytest.raises(ValueError, match="no variable of the model"):
         flops.forward_flops(model, {"nope/kernel": 0.5})

@@ -82,3 +82,79 @@ def test_no_module_but_the_compat_one_imports_keras_src():
             offenders += [f"{path.name}: {n}" for n in names
                           if n.startswith("keras.src")]
     assert offenders == []
+
+
+def test_model_internals_are_where_we_read_them():
+    inner = keras.Sequential([keras.layers.Dense(2)])
+    model = keras.Sequential([keras.Input((3,)), inner, keras.layers.Dense(1)])
+    layers = compat.flatten_layers(model)
+    assert layers[0] is model and inner in layers and inner.layers[0] in layers
+    model.compile(loss="mse", metrics=["mae"])
+    assert compat.needs_symbolic_build(model)  # the compiled metrics
+    compat.symbolic_build(model, (np.zeros((2, 3), "float32"), np.zeros((2, 1))))
+    assert not compat.needs_symbolic_build(model)
+    compat.set_initial_epoch(model, 2)
+    history = model.fit(np.zeros((4, 3)), np.zeros((4, 1)), epochs=3, verbose=0)
+    assert history.epoch == [2]
+    inputs = {"a": keras.Input((2,), name="a"), "b": keras.Input((1,), name="b")}
+    functional = keras.Model(
+        inputs, keras.layers.Dense(1)(keras.layers.Concatenate()(
+            [inputs["a"], inputs["b"]])))
+    assert set(compat.inputs_struct(functional)) == {"a", "b"}
+
+
+def test_optimizer_variable_lists_are_where_we_read_them():
+    opt = keras.optimizers.Adam(0.1)
+    variables = [keras.Variable([1.0, 2.0]), keras.Variable([[1.0]])]
+    opt.build(variables)
+    assert compat.optimizer_trainable_variables(opt) == variables
+    own = compat.optimizer_own_variables(opt)
+    assert any(v is opt.iterations for v in own)
+    assert len(own) == len(opt.variables)
+
+
+def test_strategy_internals_are_where_we_read_them():
+    import tensorflow as tf
+    from tensorflow.python.distribute import collective_all_reduce_strategy
+
+    default = tf.distribute.get_strategy()
+    assert compat.is_default_strategy(default)
+    mirrored = tf.distribute.MirroredStrategy(["/cpu:0"])
+    assert not compat.is_default_strategy(mirrored)
+    assert compat.in_multi_worker_mode(mirrored) is False
+    # MultiWorkerMirroredStrategy's extended class answers the same question
+    # (starting one here would fix this process' collective setup).
+    assert callable(collective_all_reduce_strategy.CollectiveAllReduceExtended
+                    ._in_multi_worker_mode)
+
+
+def test_maybe_symbolic_build_override_runs_in_fit_and_evaluate():
+    import inspect
+
+    base = getattr(keras.Model, compat.MAYBE_SYMBOLIC_BUILD)
+    assert list(inspect.signature(base).parameters) == [
+        "self", "iterator", "data_batch"]
+    calls = []
+
+    class Mixin:
+        pass
+
+    def wrapper(model, base, iterator, data_batch):
+        calls.append(type(model).__name__)
+        return base(iterator=iterator, data_batch=data_batch)
+
+    compat.override_maybe_symbolic_build(Mixin, wrapper)
+
+    class Model(Mixin, keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.dense = keras.layers.Dense(1)
+
+        def call(self, x):
+            return self.dense(x)
+
+    model = Model()
+    model.compile(optimizer="sgd", loss="mse")
+    model.fit(np.zeros((4, 2)), np.zeros((4, 1)), verbose=0)
+    model.evaluate(np.zeros((4, 2)), np.zeros((4, 1)), verbose=0)
+    assert calls and set(calls) == {"Model"} and model.built

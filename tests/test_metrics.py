@@ -407,7 +407,7 @@ def test_argument_validation():
     labels = np.array([0, 1])
     with pytest.raises(ValueError, match=r"Argument `score` must be one of .*score='logit'"):
         metrics.ood_auroc(probs, probs, score="logit")
-    message = r"Argument `num_bins` must be a positive int\. Received: num_bins=0"
+    message = r"Argument `num_bins` must be an integer >= 1\. Received: num_bins=0"
     with pytest.raises(ValueError, match=message):
         metrics.expected_calibration_error(labels, probs, num_bins=0)
     with pytest.raises(ValueError, match=r"Argument `eps` must be in \(0, 1\)"):

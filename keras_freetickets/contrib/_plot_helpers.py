@@ -1,4 +1,4 @@
-"""Figure plumbing and argument checks shared by the plots of `contrib.plots`.
+"""Figure plumbing shared by the plots of `contrib.plots`.
 
 Figures are made with matplotlib's object-oriented API, imported on first
 use; `finish` titles a figure and writes it as a PNG.
@@ -52,17 +52,6 @@ def named_arrays(name, value, ndim, allow_empty=False):
             )
         result[str(key)] = array
     return result
-
-
-def check_int(name, value, minimum):
-    """Raises ValueError naming `name` unless `value` is an int >= `minimum`."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or (
-        value < minimum
-    ):
-        raise ValueError(
-            f"Argument `{name}` must be an int >= {minimum}. Received: "
-            f"{name}={value!r}"
-        )
 
 
 def short_layer(path):

@@ -12,6 +12,9 @@ import functools
 
 import numpy as np
 
+from keras_freetickets._validation import check_bool
+from keras_freetickets._validation import check_int
+from keras_freetickets._validation import check_one_of
 from keras_freetickets.contrib import _fmnist_files
 from keras_freetickets.contrib._fmnist_files import (
     DEFAULT_FASHION_MNIST_DIR,
@@ -89,14 +92,8 @@ def load_fashion_mnist(split="train", flatten=False, data_dir=None):
     print(x_train.shape, x_val.shape)  # (55000, 784) (5000, 784)
     ```
     """
-    if split not in SPLITS:
-        raise ValueError(
-            f"Argument `split` must be one of {SPLITS}. Received: split={split!r}"
-        )
-    if not isinstance(flatten, (bool, np.bool_)):
-        raise ValueError(
-            f"Argument `flatten` must be a bool. Received: flatten={flatten!r}"
-        )
+    check_one_of("split", split, SPLITS)
+    check_bool("flatten", flatten)
     part = "t10k" if split == "test" else "train"
     images, labels = _fmnist_files.load_raw(part, data_dir)
     if split == "train":
@@ -137,10 +134,7 @@ def load_ood_digits(flatten=False):
     x_ood = datasets.load_ood_digits(flatten=True)  # (1797, 784)
     ```
     """
-    if not isinstance(flatten, (bool, np.bool_)):
-        raise ValueError(
-            f"Argument `flatten` must be a bool. Received: flatten={flatten!r}"
-        )
+    check_bool("flatten", flatten)
     digits = _load_sklearn_digits()
     x = _resize_bilinear(digits / 16.0, _IMAGE_SIDE, _IMAGE_SIDE)
     return _shape_images(x.astype(np.float32), flatten)
@@ -171,21 +165,9 @@ def load_ood_noise(num_examples=10_000, seed=0, flatten=False):
     x_noise = datasets.load_ood_noise(num_examples=1000, seed=0)
     ```
     """
-    if (
-        isinstance(num_examples, (bool, np.bool_))
-        or not isinstance(num_examples, (int, np.integer))
-        or num_examples < 1
-    ):
-        raise ValueError(
-            "Argument `num_examples` must be a positive int. "
-            f"Received: num_examples={num_examples!r}"
-        )
-    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)):
-        raise ValueError(f"Argument `seed` must be an int. Received: seed={seed!r}")
-    if not isinstance(flatten, (bool, np.bool_)):
-        raise ValueError(
-            f"Argument `flatten` must be a bool. Received: flatten={flatten!r}"
-        )
+    check_int("num_examples", num_examples, 1)
+    check_int("seed", seed)
+    check_bool("flatten", flatten)
     rng = np.random.default_rng(seed)
     x = rng.normal(0.5, 0.25, size=(int(num_examples), _IMAGE_SIDE, _IMAGE_SIDE))
     x = np.clip(x, 0.0, 1.0).astype(np.float32)
@@ -231,17 +213,8 @@ def as_dataset(x, y=None, batch_size=128, shuffle=False, seed=0, epoch_seeded=Tr
     train_ds = datasets.as_dataset(x, y, batch_size=128, shuffle=True, seed=0)
     ```
     """
-    if (
-        isinstance(batch_size, (bool, np.bool_))
-        or not isinstance(batch_size, (int, np.integer))
-        or batch_size < 1
-    ):
-        raise ValueError(
-            "Argument `batch_size` must be a positive int. "
-            f"Received: batch_size={batch_size!r}"
-        )
-    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)):
-        raise ValueError(f"Argument `seed` must be an int. Received: seed={seed!r}")
+    check_int("batch_size", batch_size, 1)
+    check_int("seed", seed)
     num_examples = len(x)
     if y is not None and len(y) != num_examples:
         raise ValueError(

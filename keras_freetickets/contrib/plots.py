@@ -19,15 +19,17 @@ use, so importing this module costs nothing.
 - `metric_vs_flops`: accuracy, NLL, ... of each method against its training
   FLOPs, one panel per metric, one line per method.
 
-Figure plumbing and argument checks are in the private `_plot_helpers` module.
+Figure plumbing is in the private `_plot_helpers` module, argument checks
+in `keras_freetickets._validation`.
 """
 
 import numpy as np
 
 from keras_freetickets import metrics as metrics_lib
+from keras_freetickets._validation import check_fraction
+from keras_freetickets._validation import check_int
 from keras_freetickets.contrib._plot_helpers import (
     DPI,
-    check_int,
     finish,
     named_arrays,
     new_figure,
@@ -93,7 +95,7 @@ def reliability_diagram(labels, probs, num_bins=15, path=None, title=None):
     """
     probs = named_arrays("probs", probs, ndim=2)
     labels = np.asarray(labels)
-    check_int("num_bins", num_bins, 1)
+    num_bins = check_int("num_bins", num_bins, 1)
     figure, axes = new_figure(1, len(probs), panel_size=(3.4, 3.4))
     width = 1.0 / num_bins
     centers = (np.arange(num_bins) + 0.5) * width
@@ -171,7 +173,7 @@ def ood_score_histograms(in_probs, ood_probs, score="max_prob", bins=30,
             f"`in_probs` ({sorted(in_probs)}). Received: "
             f"{sorted(ood_probs) if isinstance(ood_probs, dict) else ood_probs!r}"
         )
-    check_int("bins", bins, 1)
+    bins = check_int("bins", bins, 1)
     figure, axes = new_figure(1, len(in_probs), panel_size=(3.6, 3.0))
     for index, (ax, (name, p)) in enumerate(zip(axes, in_probs.items())):
         sets = named_arrays(f"ood_probs[{name!r}]", ood_probs[name], ndim=2,
@@ -248,11 +250,7 @@ def layer_density_bars(densities, path=None, title=None, reference=None,
                 f"{sorted(values) if isinstance(values, dict) else values!r}"
             )
         for layer, value in values.items():
-            if not 0.0 <= float(value) <= 1.0:
-                raise ValueError(
-                    f"Densities must be in [0, 1]. Received: "
-                    f"densities[{series!r}][{layer!r}]={value!r}"
-                )
+            check_fraction(f"densities[{series!r}][{layer!r}]", value, "[0, 1]")
     figure, (ax,) = new_figure(1, 1, panel_size=(max(4.5, 1.3 * len(layers)
                                                   + 2.0), 3.2))
     count = len(densities)

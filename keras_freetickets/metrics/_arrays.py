@@ -1,7 +1,8 @@
-"""Array helpers shared by the metrics: argument checks and the entropy.
+"""Array helpers shared by the metrics: array checks and the entropy.
 
-The checks name the argument at fault; those of arrays return the array they
-checked as float64 (probabilities) or int64 (labels).
+The checks name the argument at fault and return the array they checked as
+float64 (probabilities) or int64 (labels). Scalar arguments are checked with
+`keras_freetickets._validation`.
 """
 
 import numpy as np
@@ -13,22 +14,6 @@ def entropy(probs):
     """Entropy along the last axis, in nats, with 0 log 0 = 0."""
     safe = np.where(probs > 0, probs, 1.0)
     return -np.sum(probs * np.log(safe), axis=-1)
-
-
-def check_eps(eps):
-    if not isinstance(eps, (float, int, np.floating, np.integer)) or not 0 < eps < 1:
-        raise ValueError(f"Argument `eps` must be in (0, 1). Received: eps={eps!r}")
-
-
-def check_positive_int(value, name):
-    if (
-        isinstance(value, (bool, np.bool_))
-        or not isinstance(value, (int, np.integer))
-        or value < 1
-    ):
-        raise ValueError(
-            f"Argument `{name}` must be a positive int. Received: {name}={value!r}"
-        )
 
 
 def check_probs(probs, name):

@@ -2,8 +2,8 @@
 
 import numpy as np
 
+from keras_freetickets._validation import check_fraction
 from keras_freetickets.metrics._arrays import (
-    check_eps,
     check_member_probs,
     entropy,
 )
@@ -98,7 +98,7 @@ def kl_divergence(member_probs, eps=1e-12):
     ```
     """
     member_probs = check_member_probs(member_probs, "member_probs", min_members=2)
-    check_eps(eps)
+    check_fraction("eps", eps, "(0, 1)")
     num_members = len(member_probs)
     safe = np.where(member_probs > 0, member_probs, 1.0)
     log_p = np.log(safe)  # 0 where p = 0; those terms are multiplied by p = 0.

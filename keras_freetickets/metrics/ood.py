@@ -2,6 +2,7 @@
 
 import numpy as np
 
+from keras_freetickets._validation import check_one_of
 from keras_freetickets.metrics._arrays import check_probs, entropy
 
 OOD_SCORES = ("max_prob", "entropy")
@@ -29,10 +30,7 @@ def ood_scores(probs, score="max_prob"):
     metrics.ood_scores(np.array([[0.9, 0.1]]), score="entropy")
     ```
     """
-    if score not in OOD_SCORES:
-        raise ValueError(
-            f"Argument `score` must be one of {OOD_SCORES}. Received: score={score!r}"
-        )
+    check_one_of("score", score, OOD_SCORES)
     probs = check_probs(probs, "probs")
     if score == "max_prob":
         return np.max(probs, axis=1)
@@ -120,10 +118,7 @@ def ood_aupr(in_probs, out_probs, score="max_prob"):
 
 
 def _ood_score_pair(in_probs, out_probs, score):
-    if score not in OOD_SCORES:
-        raise ValueError(
-            f"Argument `score` must be one of {OOD_SCORES}. Received: score={score!r}"
-        )
+    check_one_of("score", score, OOD_SCORES)
     in_probs = check_probs(in_probs, "in_probs")
     out_probs = check_probs(out_probs, "out_probs")
     if in_probs.shape[1] != out_probs.shape[1]:

@@ -2,10 +2,10 @@
 
 import numpy as np
 
+from keras_freetickets._validation import check_fraction
+from keras_freetickets._validation import check_int
 from keras_freetickets.metrics._arrays import (
-    check_eps,
     check_labels_and_probs,
-    check_positive_int,
     check_probs,
     entropy,
 )
@@ -60,7 +60,7 @@ def negative_log_likelihood(labels, probs, eps=1e-12):
     ```
     """
     labels, probs = check_labels_and_probs(labels, probs)
-    check_eps(eps)
+    check_fraction("eps", eps, "(0, 1)")
     true_probs = probs[np.arange(len(labels)), labels]
     return float(-np.mean(np.log(np.clip(true_probs, eps, 1.0))))
 
@@ -125,7 +125,7 @@ def reliability_curve(labels, probs, num_bins=15):
     ```
     """
     labels, probs = check_labels_and_probs(labels, probs)
-    check_positive_int(num_bins, "num_bins")
+    num_bins = check_int("num_bins", num_bins, 1)
     confidence = np.max(probs, axis=1)
     correct = (np.argmax(probs, axis=1) == labels).astype(np.float64)
     edges = np.linspace(0.0, 1.0, num_bins + 1)

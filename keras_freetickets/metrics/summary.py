@@ -2,6 +2,7 @@
 
 import numpy as np
 
+from keras_freetickets._validation import check_int
 from keras_freetickets.metrics._arrays import as_members, check_labels, entropy
 from keras_freetickets.metrics.diversity import (
     disagreement,
@@ -146,15 +147,7 @@ def format_table(rows, columns=None, precision=4):
                 f"Argument `rows` must map each name to a dict of values. "
                 f"Received: rows[{name!r}] of type {type(row).__name__}"
             )
-    if (
-        isinstance(precision, (bool, np.bool_))
-        or not isinstance(precision, (int, np.integer))
-        or precision < 0
-    ):
-        raise ValueError(
-            "Argument `precision` must be an int >= 0. "
-            f"Received: precision={precision!r}"
-        )
+    precision = check_int("precision", precision, 0)
     if columns is None:
         columns = []
         for row in rows.values():
