@@ -155,7 +155,7 @@ def ood_score_histograms(in_probs, ood_probs, score="max_prob", bins=30,
         title: str or None. Title of the figure.
 
     Returns:
-        A `matplotlib.figure.Figure` with one axes per model.
+        A `matplotlib.figure.Figure`, one panel per model.
 
     Example:
 

@@ -83,13 +83,9 @@ def ood_aupr(in_probs, out_probs, score="max_prob"):
     Examples with equal scores enter at the same threshold. This is the
     definition of scikit-learn's `average_precision_score`.
 
-    Args:
-        in_probs: float array of shape `(N_in, C)`.
-        out_probs: float array of shape `(N_out, C)`.
-        score: str, `"max_prob"` or `"entropy"`.
-
-    Returns:
-        float in [0, 1].
+    Args and the range of the result: as in `ood_auroc` (an AUPR of 1.0
+    is a perfect separation; chance is the in-distribution share of all
+    examples).
 
     Example:
 
