@@ -67,7 +67,8 @@ def require_at_least(flag_values, names, minimum=1):
 
 # ------------------------------------------------------------------ report
 def machine_description():
-    """'<n>-core CPU (<model name>), shared with other jobs'."""
+    """'<n>-core CPU (<model name>), 1-minute load average <x> at the
+    start': the load says whether other jobs shared the machine."""
     model = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -77,7 +78,11 @@ def machine_description():
                     break
     except OSError:
         pass
-    return f"{os.cpu_count()}-core CPU ({model}), shared with other jobs"
+    try:
+        load = f", 1-minute load average {os.getloadavg()[0]:.1f} at the start"
+    except OSError:
+        load = ""
+    return f"{os.cpu_count()}-core CPU ({model}){load}"
 
 
 def command_line(script, argv=None):

@@ -348,9 +348,8 @@ def render_markdown(report):
         "cores; its trace and compile time weighs more in the ratio)."
         + (" QUICK SMOKE RUN: figures are not meaningful."
            if report["settings"]["quick"] else ""),
-        f"- Machine: {report['machine']} (two other engineers trained "
-        "models on it at the same time: absolute times are noisy, ratios "
-        "are from alternating fits in one process).",
+        f"- Machine: {report['machine']} (ratios are from alternating "
+        "fits in one process).",
         f"- Date: {report['date']}; TensorFlow {report['versions']['tensorflow']}"
         f", Keras {report['versions']['keras']}.",
         f"- Command: `{report['command']}` ({report['wall_seconds']:.0f} s).",

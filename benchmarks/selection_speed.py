@@ -150,8 +150,7 @@ def render_markdown(report):
         "- One update's selection (drop, then grow), returning bool masks: "
         "the optimizer's top_k + scatter code against "
         "`keras_freetickets.selection` (checked equal bit for bit first).",
-        f"- Machine: {report['machine']} (shared with two other engineers' "
-        "training runs during the measurement).",
+        f"- Machine: {report['machine']}.",
         f"- Date: {report['date']}; TensorFlow {report['versions']['tensorflow']}.",
         f"- Command: `{report['command']}` ({report['wall_seconds']:.0f} s); medians "
         f"of {report['settings']['rounds']} interleaved rounds of "

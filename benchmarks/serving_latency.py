@@ -197,8 +197,7 @@ def render_markdown(report):
         f"{report['settings']['calls']} requests per model."
         + (" QUICK SMOKE RUN: figures are not meaningful."
            if report["settings"]["quick"] else ""),
-        f"- Machine: {report['machine']} (two other engineers trained models "
-        "on it at the same time: p99 especially is noisy).",
+        f"- Machine: {report['machine']} (p99 follows the machine's load).",
         f"- Date: {report['date']}; TensorFlow {report['versions']['tensorflow']}.",
         f"- Command: `{report['command']}` ({report['wall_seconds']:.0f} s).",
         "",

@@ -307,8 +307,7 @@ def render_markdown(report):
         "output's nonzero inputs + weighted sum). Speed-up = dense time / "
         "path time (> 1 is faster than dense). Training = forward + backward "
         "(gradients for the inputs and the nonzero weights).",
-        f"- Machine: {report['machine']} (shared with two other engineers' "
-        "training runs during the measurement).",
+        f"- Machine: {report['machine']}.",
         f"- Date: {report['date']}; TensorFlow {report['versions']['tensorflow']}.",
         f"- Command: `{report['command']}` ({report['wall_seconds']:.0f} s); "
         f"medians of {report['settings']['rounds']} interleaved rounds."
