@@ -56,7 +56,7 @@ import tempfile
 import time
 import warnings
 
-import common  # first: sets what TensorFlow reads at import, and sys.path
+import benchkit  # first: sets what TensorFlow reads at import, and sys.path
 
 from absl import app
 from absl import flags
@@ -831,7 +831,7 @@ def run_experiments(experiments, budget, out, readme=None, work_dir=None,
                          f"{list(EXPERIMENTS)}. Received: {experiments}")
     warnings.filterwarnings("ignore", message=".*`shuffle=True` was passed")
     config = make_config(budget, l2)
-    environment = common.environment_info("ablations", argv, shared=True)
+    environment = benchkit.environment_info("ablations", argv, shared=True)
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)
     temp = work_dir is None

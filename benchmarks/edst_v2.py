@@ -47,7 +47,7 @@ import pathlib
 import tempfile
 import time
 
-import common  # first: sets what TensorFlow reads at import, and sys.path
+import benchkit  # first: sets what TensorFlow reads at import, and sys.path
 
 from absl import app
 from absl import flags
@@ -433,7 +433,7 @@ def _header(title, command, seconds):
     import tensorflow as tf
 
     return (f"## {title}\n\nMeasured {datetime.date.today()} on "
-            f"{common.machine_description()} (Keras {keras.__version__}, "
+            f"{benchkit.machine_description()} (Keras {keras.__version__}, "
             f"TensorFlow {tf.__version__}) by `{command}` "
             f"({seconds / 60:.0f} min of training in this process; cached "
             "runs are not retrained).\n")
@@ -636,7 +636,7 @@ def main(argv):
     _validate(FLAGS)
     cache = pathlib.Path(FLAGS.cache_dir) / ("quick" if FLAGS.quick else "")
     out = pathlib.Path(FLAGS.out)
-    command = common.command_line("edst_v2")
+    command = benchkit.command_line("edst_v2")
     if FLAGS.runs:
         for protocol in ("mlp", "cnn"):
             runs = [r for r in FLAGS.runs

@@ -39,7 +39,7 @@ TF_CPP_MIN_LOG_LEVEL=2 .venv/bin/python benchmarks/end_to_end.py --quick
 import statistics
 import time
 
-import common  # first: sets what TensorFlow reads at import, and sys.path
+import benchkit  # first: sets what TensorFlow reads at import, and sys.path
 
 from absl import app
 from absl import flags
@@ -76,8 +76,8 @@ flags.DEFINE_bool("quick", False,
 
 def _validate_flags():
     """Checks the flags before TensorFlow is imported (fails in a second)."""
-    models = common.parse_models(FLAGS.models)
-    common.require_at_least(FLAGS, ("pairs", "mlp_epochs", "cnn_epochs"))
+    models = benchkit.parse_models(FLAGS.models)
+    benchkit.require_at_least(FLAGS, ("pairs", "mlp_epochs", "cnn_epochs"))
     return models
 
 
@@ -444,7 +444,7 @@ def run_benchmark(models):
 
 def write_report(models, results, pairs, use_xla, start, echo=False):
     report = dict(
-        **common.report_header("end_to_end",
+        **benchkit.report_header("end_to_end",
                                [MODELS[m] for m in models] + ["End to end"],
                                library_path=True),
         settings=dict(
@@ -459,13 +459,13 @@ def write_report(models, results, pairs, use_xla, start, echo=False):
         results=results,
         wall_seconds=time.time() - start,
     )
-    common.write_report(FLAGS.out, "end_to_end", report, render_markdown(report),
+    benchkit.write_report(FLAGS.out, "end_to_end", report, render_markdown(report),
                         echo=echo)
     return report
 
 
 def main(argv):
-    common.no_arguments(argv)
+    benchkit.no_arguments(argv)
     models = _validate_flags()
     run_benchmark(models)
 

@@ -45,12 +45,12 @@ import subprocess
 import sys
 import time
 
-import common  # first: sets what TensorFlow reads at import, and sys.path
+import benchkit  # first: sets what TensorFlow reads at import, and sys.path
 
 from absl import app
 from absl import flags
 
-REPO = common.REPO
+REPO = benchkit.REPO
 CLASSES = ("kills", "inputs", "numeric", "storage", "concurrency", "serving")
 SCENARIOS = ("edst", "dst")
 ROW_CLASS = {"kills": "kill", "inputs": "malformed input", "numeric": "numeric",
@@ -1722,9 +1722,9 @@ def write_report(out_dir, rows, details, settings, seconds):
     out_dir.mkdir(parents=True, exist_ok=True)
     counts = summary_counts(rows)
     record = dict(
-        benchmark="faults", date=common.utc_now(),
+        benchmark="faults", date=benchkit.utc_now(),
         machine=platform.machine(), cpu_count=os.cpu_count(), versions=_versions(),
-        command=common.command_line("faults"),
+        command=benchkit.command_line("faults"),
         settings=settings, wall_seconds=round(seconds, 1), summary=counts,
         rows=rows, details=details)
     (out_dir / "faults.json").write_text(json.dumps(record, indent=1, default=str))

@@ -53,7 +53,7 @@ import tempfile
 import time
 import warnings
 
-import common  # first: sets what TensorFlow reads at import, and sys.path
+import benchkit  # first: sets what TensorFlow reads at import, and sys.path
 
 from absl import app
 from absl import flags
@@ -530,7 +530,7 @@ def train_tfmot(config, work_dir):
     shutil.rmtree(out, ignore_errors=True)
     command = [
         FLAGS.tfmot_python or sys.executable,
-        str(common.HERE / "tfmot_baseline.py"),
+        str(benchkit.HERE / "tfmot_baseline.py"),
         f"--protocol={config['protocol']}", f"--epochs={config['epochs']}",
         f"--train_examples={config['train_examples']}",
         f"--seeds={','.join(str(s) for s in config['seeds'])}",
@@ -544,7 +544,7 @@ def train_tfmot(config, work_dir):
     env = dict(os.environ, TF_USE_LEGACY_KERAS="1",
                TF_CPP_MIN_LOG_LEVEL=os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"))
     env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(common.REPO), env.get("PYTHONPATH")) if p
+        p for p in (str(benchkit.REPO), env.get("PYTHONPATH")) if p
     )
     start = time.perf_counter()
     proc = subprocess.run(command, env=env, stdout=subprocess.PIPE,
@@ -966,7 +966,7 @@ def main(argv):
     config = resolve_config(FLAGS)
     if FLAGS.render_only:
         return render(config)
-    environment = common.environment_info("fmnist_table")
+    environment = benchkit.environment_info("fmnist_table")
     environment["load_average_start"] = list(os.getloadavg())
     print(f"[config] {json.dumps(config)}", flush=True)
     work_dir = FLAGS.work_dir or tempfile.mkdtemp(prefix="kft_fmnist_")

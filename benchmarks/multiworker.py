@@ -42,12 +42,12 @@ import sys
 import tempfile
 import time
 
-import common  # first: sets what TensorFlow reads at import, and sys.path
+import benchkit  # first: sets what TensorFlow reads at import, and sys.path
 
 from absl import app
 from absl import flags
 
-REPO = common.REPO
+REPO = benchkit.REPO
 
 GLOBAL_BATCH = 128
 UPDATE_INTERVAL = 100

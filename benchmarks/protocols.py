@@ -1,7 +1,7 @@
 """The protocols' models, shared by the benchmark scripts (see
 shared/BENCHMARK.md, "FMNIST-MLP v1" and "FMNIST-CNN v1"). No flags here, so
 any script may import it; the start and the report that every script shares
-are in `common.py`."""
+are in `benchkit.py`."""
 
 PROTOCOL_NAMES = {"mlp": "FMNIST-MLP v1", "cnn": "FMNIST-CNN v1"}
 L2 = 5e-4

@@ -24,7 +24,7 @@ TF_CPP_MIN_LOG_LEVEL=2 .venv/bin/python benchmarks/selection_speed.py
 import statistics
 import time
 
-import common  # first: sets what TensorFlow reads at import, and sys.path
+import benchkit  # first: sets what TensorFlow reads at import, and sys.path
 
 from absl import app
 from absl import flags
@@ -181,9 +181,9 @@ def render_markdown(report):
 
 
 def main(argv):
-    common.no_arguments(argv)
-    models = common.parse_models(FLAGS.models)
-    common.require_at_least(FLAGS, ("rounds", "calls"))
+    benchkit.no_arguments(argv)
+    models = benchkit.parse_models(FLAGS.models)
+    benchkit.require_at_least(FLAGS, ("rounds", "calls"))
     start = time.time()
     rows = []
     for name in models:
@@ -195,13 +195,13 @@ def main(argv):
                 print(f"[selection] {MODELS[name]} {path} xla={jit}: "
                       f"{row['speedup']:.2f}x", flush=True)
     report = dict(
-        **common.report_header("selection_speed", [MODELS[m] for m in models]),
+        **benchkit.report_header("selection_speed", [MODELS[m] for m in models]),
         settings=dict(sparsity=SPARSITY, drop_fraction=DROP_FRACTION,
                       rounds=FLAGS.rounds, calls=FLAGS.calls),
         rows=rows,
         wall_seconds=time.time() - start,
     )
-    common.write_report(FLAGS.out, "selection_speed", report, render_markdown(report))
+    benchkit.write_report(FLAGS.out, "selection_speed", report, render_markdown(report))
 
 
 if __name__ == "__main__":

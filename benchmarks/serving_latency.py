@@ -31,7 +31,7 @@ import sys
 import tempfile
 import time
 
-import common  # first: sets what TensorFlow reads at import, and sys.path
+import benchkit  # first: sets what TensorFlow reads at import, and sys.path
 
 from absl import app
 from absl import flags
@@ -56,8 +56,8 @@ flags.DEFINE_string("child", None, "Internal: JSON spec of a timing run.")
 
 
 def _validate_flags():
-    models = common.parse_models(FLAGS.models)
-    common.require_at_least(FLAGS, ("rounds", "calls"))
+    models = benchkit.parse_models(FLAGS.models)
+    benchkit.require_at_least(FLAGS, ("rounds", "calls"))
     return models
 
 
@@ -254,7 +254,7 @@ def run_benchmark(models):
     finally:
         shutil.rmtree(work, ignore_errors=True)
     report = dict(
-        **common.report_header("serving_latency",
+        **benchkit.report_header("serving_latency",
                                [MODELS[m] for m in models] + ["Serving latency"]),
         settings=dict(num_members=NUM_MEMBERS, sparsity=SPARSITY,
                       batches=list(BATCHES), rounds=rounds, calls=calls,
@@ -263,12 +263,12 @@ def run_benchmark(models):
         results=results,
         wall_seconds=time.time() - start,
     )
-    common.write_report(FLAGS.out, "serving_latency", report, render_markdown(report))
+    benchkit.write_report(FLAGS.out, "serving_latency", report, render_markdown(report))
     return report
 
 
 def main(argv):
-    common.no_arguments(argv)
+    benchkit.no_arguments(argv)
     if FLAGS.child:
         child_main(FLAGS.child)
         return

@@ -35,7 +35,7 @@ TF_CPP_MIN_LOG_LEVEL=2 .venv/bin/python benchmarks/sparse_kernels.py --quick
 import statistics
 import time
 
-import common  # first: sets what TensorFlow reads at import, and sys.path
+import benchkit  # first: sets what TensorFlow reads at import, and sys.path
 
 from absl import app
 from absl import flags
@@ -59,8 +59,8 @@ flags.DEFINE_bool("quick", False, "Smoke run: 2 rounds, batch 1 and 8.")
 
 
 def _validate_flags():
-    models = common.parse_models(FLAGS.models)
-    common.require_at_least(FLAGS, ["rounds"])
+    models = benchkit.parse_models(FLAGS.models)
+    benchkit.require_at_least(FLAGS, ["rounds"])
     return models
 
 
@@ -353,7 +353,7 @@ def render_markdown(report):
 
 
 def main(argv):
-    common.no_arguments(argv)
+    benchkit.no_arguments(argv)
     models = _validate_flags()
     start = time.time()
     batches = (1, 8) if FLAGS.quick else (1, 128)
@@ -374,13 +374,13 @@ def main(argv):
                       f"tf.sparse {f['tf.sparse']['speedup']:.2f}x, gather "
                       f"{f['gather']['speedup']:.2f}x", flush=True)
     report = dict(
-        **common.report_header("sparse_kernels", [MODELS[m] for m in models]),
+        **benchkit.report_header("sparse_kernels", [MODELS[m] for m in models]),
         settings=dict(sparsities=list(SPARSITIES), distribution="erk",
                       batches=list(batches), rounds=rounds, quick=FLAGS.quick),
         rows=rows,
         wall_seconds=time.time() - start,
     )
-    common.write_report(FLAGS.out, "sparse_kernels", report, render_markdown(report))
+    benchkit.write_report(FLAGS.out, "sparse_kernels", report, render_markdown(report))
 
 
 if __name__ == "__main__":

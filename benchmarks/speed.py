@@ -39,7 +39,7 @@ import subprocess
 import sys
 import time
 
-import common  # first: sets what TensorFlow reads at import, and sys.path
+import benchkit  # first: sets what TensorFlow reads at import, and sys.path
 
 from absl import app
 from absl import flags
@@ -428,10 +428,10 @@ def render_markdown(report):
 
 def run_benchmark():
     quick = FLAGS.quick
-    models = common.parse_models(FLAGS.models)
+    models = benchkit.parse_models(FLAGS.models)
     for flag in ("repeats", "steps_per_block"):
         if FLAGS[flag].value is not None:
-            common.require_at_least(FLAGS, [flag])
+            benchkit.require_at_least(FLAGS, [flag])
     import keras
 
     start = time.time()
@@ -468,7 +468,7 @@ def run_benchmark():
                   f"({time.time() - t0:.0f} s)", flush=True)
 
     report = dict(
-        **common.report_header("speed", [MODELS[m] for m in models],
+        **benchkit.report_header("speed", [MODELS[m] for m in models],
                                library_path=True),
         settings=dict(
             batch_size=BATCH_SIZE, sparsity=SPARSITY, distribution="erk",
@@ -481,12 +481,12 @@ def run_benchmark():
         results=results,
         wall_seconds=time.time() - start,
     )
-    common.write_report(FLAGS.out, "speed", report, render_markdown(report))
+    benchkit.write_report(FLAGS.out, "speed", report, render_markdown(report))
     return report
 
 
 def main(argv):
-    common.no_arguments(argv)
+    benchkit.no_arguments(argv)
     if FLAGS.child:
         _child_main(FLAGS.child, FLAGS.child_steps)
         return

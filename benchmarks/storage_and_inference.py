@@ -40,7 +40,7 @@ import statistics
 import tempfile
 import time
 
-import common  # first: sets what TensorFlow reads at import, and sys.path
+import benchkit  # first: sets what TensorFlow reads at import, and sys.path
 
 from absl import app
 from absl import flags
@@ -71,7 +71,7 @@ STORAGE_VARIANTS = (
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("models", ["mlp", "cnn"], "Models: mlp, cnn.")
-flags.DEFINE_string("out", str(common.HERE / "results"),
+flags.DEFINE_string("out", str(benchkit.HERE / "results"),
                     "Folder for storage_inference.json and .md.")
 flags.DEFINE_integer("repeats", DEFAULT_REPEATS,
                      "Timed rounds per variant (interleaved).")
@@ -392,9 +392,9 @@ def render_markdown(report):
 
 def run_benchmark():
     quick = FLAGS.quick
-    models = common.parse_models(FLAGS.models)
+    models = benchkit.parse_models(FLAGS.models)
     if not quick:
-        common.require_at_least(FLAGS, ["repeats"])
+        benchkit.require_at_least(FLAGS, ["repeats"])
     repeats = QUICK["repeats"] if quick else FLAGS.repeats
     import keras
     import tensorflow as tf
@@ -427,7 +427,7 @@ def run_benchmark():
         shutil.rmtree(work, ignore_errors=True)
 
     report = dict(
-        **common.report_header(
+        **benchkit.report_header(
             "storage_and_inference",
             [MODELS[m] for m in models] + ["Storage", "Ensemble inference"]),
         settings=dict(
@@ -441,12 +441,12 @@ def run_benchmark():
         serving=serving,
         wall_seconds=time.time() - start,
     )
-    common.write_report(FLAGS.out, "storage_inference", report, render_markdown(report))
+    benchkit.write_report(FLAGS.out, "storage_inference", report, render_markdown(report))
     return report
 
 
 def main(argv):
-    common.no_arguments(argv)
+    benchkit.no_arguments(argv)
     run_benchmark()
 
 

@@ -29,7 +29,7 @@ def _load_script():
     # reuse it when another test module (test_ablations) already loaded it.
     if "fmnist_table" in sys.modules:
         return sys.modules["fmnist_table"]
-    # Its first import is benchmarks/common.py, found beside it.
+    # Its first import is benchmarks/benchkit.py, found beside it.
     if str(SCRIPT.parent) not in sys.path:
         sys.path.append(str(SCRIPT.parent))
     spec = importlib.util.spec_from_file_location("fmnist_table", SCRIPT)

@@ -148,3 +148,14 @@ def test_planted_offender_is_found(source, needle):
 ])
 def test_public_uses_pass(source):
     assert private_uses(source) == []
+
+
+def test_benchmark_and_example_modules_have_distinct_names():
+    """Tests put benchmarks/ and examples/ on sys.path in one process; a
+    module name in both (once `common.py`) makes one folder import the
+    other's module."""
+    names = {}
+    for folder in ("benchmarks", "examples"):
+        names[folder] = {p.stem for p in (REPO / folder).glob("*.py")}
+    assert names["benchmarks"] and names["examples"]
+    assert names["benchmarks"] & names["examples"] == set()
