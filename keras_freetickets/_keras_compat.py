@@ -157,10 +157,14 @@ def call_context_args(layer):
     return getattr(layer, "_call_context_args", ())
 
 
-def kernel_variable(layer):
-    """The variable behind `layer.kernel` (None where the layer has none, as
-    for a quantized or LoRA layer that computes its kernel)."""
-    return getattr(layer, "_kernel", None)
+def kernel_variable(layer, attribute="kernel"):
+    """The variable Keras stores behind the property `layer.<attribute>`
+    (`_kernel` behind `kernel` in Dense, EinsumDense and the convolutions),
+    or None where there is none."""
+    import keras
+
+    value = getattr(layer, "_" + attribute, None)
+    return value if isinstance(value, keras.Variable) else None
 
 
 def producing_operation(tensor):

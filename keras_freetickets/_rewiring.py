@@ -1,9 +1,10 @@
 """One mask update of one layer inside the train step (SparseOptimizer's).
 
 `SparseLayer` holds a masked weight's facts and state variables,
-`update_program` the traced-once update, `update_layer` decides k and the grow scores (local or global update, EDST
-levers), `rewire` applies the drop-and-grow of `keras_freetickets.masking` to
-the kernel, its mask, its records and its optimizer slots.
+`update_program` the traced-once update, `update_layer` decides k and the
+grow scores (local or global update, EDST levers), `rewire` applies the
+drop-and-grow of `keras_freetickets.masking` to the kernel, its mask, its
+records and its optimizer slots.
 """
 
 import functools

@@ -193,8 +193,10 @@ def kernel_variable(layer, attribute):
     """
     import keras
 
-    for name in ("_" + attribute, attribute):
-        value = getattr(layer, name, None)
-        if isinstance(value, keras.Variable):
-            return value
-    return None
+    from keras_freetickets import _keras_compat as compat
+
+    stored = compat.kernel_variable(layer, attribute)
+    if stored is not None:
+        return stored
+    value = getattr(layer, attribute, None)
+    return value if isinstance(value, keras.Variable) else None
