@@ -6,8 +6,9 @@ an optimizer's raw learning rate (float or schedule), find the strategy a
 model or optimizer was built under, build a model from one batch as `fit`
 does, build optimizer state outside Keras' attribute tracking, walk a
 functional model's graph (its layers, their kernels, the call context), set
-the epoch `fit` starts from, and replace the first-batch build of `fit` under
-a multi-worker strategy (with TensorFlow's private test for one). Each is one
+the epoch `fit` starts from, replace the first-batch build of `fit` under
+a multi-worker strategy (with TensorFlow's private test for one), and tell
+whether a graph is being traced for XLA. Each is one
 function or name here; `tests/test_keras_compat.py` pins them against the
 installed Keras and TensorFlow, and `check_version` warns outside the tested
 range. No other module of the package touches a private attribute of a Keras
@@ -113,6 +114,17 @@ def in_multi_worker_mode(strategy):
     """True when `strategy` (a tf.distribute strategy) spans more than one
     worker (TensorFlow's `StrategyExtended._in_multi_worker_mode`)."""
     return bool(strategy.extended._in_multi_worker_mode())
+
+
+def in_xla_context():
+    """True while tracing code that XLA will compile: a `jit_compile`
+    function, a TPU step, or a function or branch called from one
+    (TensorFlow's `control_flow_util.GraphOrParentsInXlaContext`)."""
+    from tensorflow.python.framework import ops
+    from tensorflow.python.ops import control_flow_util
+
+    return bool(control_flow_util.GraphOrParentsInXlaContext(
+        ops.get_default_graph()))
 
 
 def is_default_strategy(strategy):

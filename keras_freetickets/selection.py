@@ -1,4 +1,4 @@
-"""Exact k-selection for mask updates, with static shapes.
+"""Exact k-selection for mask updates.
 
 A mask update picks, per sparse kernel, the k active weights of smallest
 magnitude (the drop) and the k inactive entries of largest score (the grow).
@@ -11,8 +11,10 @@ float order; three passes of a histogram over 11, 11 and 10 bits of the keys
 every eligible entry below `T` is taken, plus, of the entries equal to `T`,
 the ones with the lowest flat indices until k are taken. That is exactly
 `top_k`'s choice (it prefers the lower index among equal values; `-0.0` and
-`0.0` are equal). Every tensor has a static shape and no output shape
-depends on the data, so XLA compiles the update once. Below
+`0.0` are equal). Outside XLA the keys still in play are gathered after
+each pass, so only the first pass reads every key; where XLA compiles the
+code (`jit_compile`, TPU) every tensor keeps its static shape instead, and
+no shape depends on the data, so XLA compiles the update once. Below
 `RADIX_MIN_SIZE` entries the functions run the reference `top_k` code
 itself, which was as fast there.
 
@@ -34,23 +36,38 @@ reproduced).
 
 import tensorflow as tf
 
+from keras_freetickets import _keras_compat as compat
 from keras_freetickets._validation import check_bool
 from keras_freetickets._validation import check_int
 
 __all__ = ["largest_flags", "select_smallest", "smallest_active_flags"]
 
 _INT32_MAX = 2**31 - 1
-_SIGN = -(2**31)
 _MAGNITUDE = 2**31 - 1  # the non-sign bits
 
 
-def _order_keys(values):
-    """int32 keys with the float order of `values` (`-0.0` == `0.0`)."""
-    values = tf.convert_to_tensor(values)
-    values = tf.cast(values, tf.float32)
+def _float_bits(values):
+    """The int32 bits of `values` as float32, every zero as `+0.0`.
+
+    "Zero" is what TensorFlow's comparisons call zero, so `-0.0` and, where
+    the CPU flushes subnormals (as TensorFlow's kernels do), subnormals too:
+    `top_k` ranks them all equal.
+    """
+    values = tf.cast(tf.convert_to_tensor(values), tf.float32)
     values = tf.where(tf.equal(values, 0.0), tf.zeros([], tf.float32), values)
-    bits = tf.bitcast(values, tf.int32)
+    return tf.bitcast(values, tf.int32)
+
+
+def _order_keys(values):
+    """int32 keys with the float order of `values` (zeros equal)."""
+    bits = _float_bits(values)
     return tf.where(bits < 0, tf.bitwise.bitwise_xor(bits, _MAGNITUDE), bits)
+
+
+def _magnitude_keys(values):
+    """`_order_keys(abs(values))`: the bits of a non-negative float are
+    already in its order, which saves three elementwise ops."""
+    return _float_bits(tf.abs(values))
 
 
 def _histogram(digits, size):
@@ -72,35 +89,45 @@ def _bucket_of_rank(counts, rank):
     return bucket, before
 
 
-# Digit widths of the radix passes (11 + 11 + 10 bits). Measured on 2 CPU
-# cores (benchmarks/selection.py) against two 16-bit and four 8-bit passes:
-# fastest or tied at every layer size of the two protocols.
+# Digit widths of the radix passes, most significant first (11 + 11 + 10
+# bits). Two 16-bit passes cost more: a 65536-bin histogram took 1.2 ms on
+# 235200 keys against 0.5 ms for 2048 bins (2 CPU cores).
 DIGIT_WIDTHS = (11, 11, 10)
 # Below this many entries `tf.math.top_k` is as fast or faster (its result
-# is the same), so the public functions use it there.
-RADIX_MIN_SIZE = 65536
+# is the same), so the public functions use it there. Measured with the
+# compacting passes on 2 CPU cores, drop and grow at half the active
+# entries: top_k ahead at 4096 entries (0.43 against 0.50 ms), the radix
+# select from 8192 (0.57 against 0.75 ms) and 3x at 30000 (1.2 against
+# 3.1 ms).
+RADIX_MIN_SIZE = 8192
 
 
-def _digit_widths(n):
-    del n
-    return DIGIT_WIDTHS
-
-
-def select_smallest(keys, k):
+def select_smallest(keys, k, compact=None):
     """Flags of the k smallest int32 keys, lower index first among equals.
 
     The exact selection under everything else in this module: a radix select
-    of the k-th smallest key `T` (one histogram pass per digit of
-    `DIGIT_WIDTHS` bits, most significant first, over the keys in unsigned
-    order, each pass over the keys that share the digits found so far), then every
-    key below `T`, then the keys equal to `T` by increasing flat index until
-    k are flagged (a prefix count over the ties runs only when some tie must
-    be left out). Shapes are static: `keys` is 1-D of static length n and
-    `k` an int32 scalar in [0, n] (a larger k flags every entry).
+    of the k-th smallest key `T`, then every key below `T`, then the keys
+    equal to `T` by increasing flat index until k are flagged. The passes
+    read the digits of `DIGIT_WIDTHS` bits of the signed keys, most
+    significant first (the first digit offset so that its order is the
+    signed order); each pass histograms the keys whose earlier digits are
+    the buckets found so far. When every key equal to `T` is taken (the
+    usual case) the flags are one comparison, `keys <= T`; otherwise a
+    prefix count over the ties keeps the lowest indices.
+
+    Two ways to restrict a pass to the keys still in play give the same
+    flags. Compacting gathers those keys after each pass (a few hundred of a
+    layer's keys after the first), so the later passes cost next to nothing,
+    but the gathered length depends on the data. The static way masks the
+    other keys out and every tensor keeps its length, as XLA needs.
 
     Args:
-        keys: int32 tensor of shape `[n]`.
-        k: int32 scalar (tensor or Python int): how many entries to flag.
+        keys: int32 tensor of static shape `[n]`.
+        k: int32 scalar (tensor or Python int) in [0, n]: how many entries
+            to flag (a larger k flags every entry).
+        compact: bool or None. Whether to compact (True) or keep static
+            shapes (False); None compacts except where XLA will compile the
+            code (a `jit_compile` function, a TPU step).
 
     Returns:
         A bool tensor of shape `[n]` with exactly `min(k, n)` True entries.
@@ -111,6 +138,9 @@ def select_smallest(keys, k):
     select_smallest(tf.constant([5, 1, 3, 1]), 2)  # [False, True, False, True]
     ```
     """
+    compact = check_bool("compact", compact, allow_none=True)
+    if compact is None:
+        compact = not compat.in_xla_context()
     keys = tf.convert_to_tensor(keys, tf.int32)
     n = keys.shape[0]
     if n is None:
@@ -118,48 +148,69 @@ def select_smallest(keys, k):
             "Argument `keys` must have a static length. Received: "
             f"keys.shape={keys.shape}"
         )
+    if n == 0:
+        return tf.zeros([0], tf.bool)
     k = tf.minimum(tf.cast(k, tf.int32), n)
-    remaining = tf.maximum(k, 1)  # rank of T among the keys in the prefix
-    # Unsigned order: flip the sign bit; digits are then in order.
-    ukeys = tf.bitwise.bitwise_xor(keys, _SIGN)
-    prefix = tf.constant(0, tf.int32)
-    in_prefix = None
+    # Rank of T among the keys still in play. With k = 0 it is 1: T is then
+    # the smallest key, nothing is below it and no tie is wanted.
+    remaining = tf.maximum(k, 1)
+    taken = tf.constant(0, tf.int32)  # keys below the buckets found so far
+    threshold = tf.constant(0, tf.int32)  # the digits of T found so far
     shift = 32
-    taken = tf.constant(0, tf.int32)  # keys below the prefix's bucket
-    for width in _digit_widths(n):
+    digit = bucket = None
+    in_play = keys
+    for width in DIGIT_WIDTHS:
         shift -= width
         size = 1 << width
-        digit = tf.bitwise.bitwise_and(tf.bitwise.right_shift(ukeys, shift), size - 1)
-        if in_prefix is not None:
-            digit = tf.where(in_prefix, digit, size)
+        if digit is None:
+            # Top digit of the signed key, offset into [0, size): the
+            # arithmetic shift keeps the signed order.
+            offset = size // 2
+            digit = tf.bitwise.right_shift(keys, shift) + offset
+        elif compact:
+            offset = 0
+            in_play = tf.boolean_mask(in_play, tf.equal(digit, bucket))
+            high = (in_play if shift == 0
+                    else tf.bitwise.right_shift(in_play, shift))
+            digit = tf.bitwise.bitwise_and(high, size - 1)
+        elif shift > 0:
+            # The key's bits above `shift` minus T's: in [0, size) exactly
+            # for the keys still in play. The others, negative or at least
+            # `size` (and above -2**31: both terms fit in 32 - shift bits),
+            # become at least 2**31 - 2**(32 - shift) with the sign bit
+            # cleared, a value no bucket counts.
+            offset = 0
+            digit = tf.bitwise.bitwise_and(
+                tf.bitwise.right_shift(keys, shift)
+                - tf.bitwise.right_shift(threshold, shift),
+                _MAGNITUDE,
+            )
+        else:
+            # The lowest digit, where that difference could overflow: the
+            # keys in play are those in the last pass's bucket.
+            offset = 0
+            digit = tf.where(tf.equal(digit, bucket),
+                             tf.bitwise.bitwise_and(keys, size - 1), size)
         counts = _histogram(digit, size)
         bucket, before = _bucket_of_rank(counts, remaining)
         remaining -= before
         taken += before
-        prefix = tf.bitwise.bitwise_or(prefix, tf.bitwise.left_shift(bucket, shift))
-        if shift > 0:
-            in_prefix = tf.equal(
-                tf.bitwise.bitwise_and(
-                    tf.bitwise.bitwise_xor(ukeys, prefix),
-                    tf.bitwise.left_shift(tf.constant(-1, tf.int32), shift),
-                ),
-                0,
-            )
-    threshold = tf.bitwise.bitwise_xor(prefix, _SIGN)
-    wanted = k - taken  # entries equal to T to take
+        threshold = tf.bitwise.bitwise_or(
+            threshold, tf.bitwise.left_shift(bucket - offset, shift)
+        )
+    wanted = k - taken  # keys equal to T to take
     num_ties = tf.gather(counts, bucket)
-    below = keys < threshold
-    ties = tf.equal(keys, threshold)
 
     def all_ties():
-        return tf.logical_or(below, ties)
+        return keys <= threshold
 
     def first_ties():
+        ties = tf.equal(keys, threshold)
         tie_rank = tf.cumsum(tf.cast(ties, tf.int32), exclusive=True)
-        return tf.logical_or(below, tf.logical_and(ties, tie_rank < wanted))
+        return tf.logical_or(keys < threshold,
+                             tf.logical_and(ties, tie_rank < wanted))
 
-    picked = tf.cond(tf.equal(num_ties, wanted), all_ties, first_ties)
-    return tf.logical_and(picked, k > 0)
+    return tf.cond(tf.equal(num_ties, wanted), all_ties, first_ties)
 
 
 def _flat_k(k, k_max):
@@ -241,7 +292,7 @@ def smallest_active_flags(weights, mask, k, k_max, radix=None):
     """
     return _select(weights, mask, k, k_max, radix,
                    top_k_score=lambda w: -tf.abs(w),
-                   radix_keys=lambda w: _order_keys(tf.abs(w)))
+                   radix_keys=_magnitude_keys)
 
 
 def largest_flags(score, candidates, k, k_max, radix=None):

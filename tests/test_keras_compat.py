@@ -128,6 +128,25 @@ def test_strategy_internals_are_where_we_read_them():
                     ._in_multi_worker_mode)
 
 
+def test_xla_context_is_seen_in_jit_functions_and_what_they_call():
+    import tensorflow as tf
+
+    seen = []
+
+    def probe():
+        seen.append(compat.in_xla_context())
+        return tf.constant(1)
+
+    nested = tf.function(probe)
+    tf.function(probe)()
+    tf.function(probe, jit_compile=True)()
+    tf.function(lambda: nested(), jit_compile=True)()
+    tf.function(lambda: tf.cond(tf.constant(True), probe, probe),
+                jit_compile=True)()
+    probe()  # eager
+    assert seen == [False, True, True, True, True, False]
+
+
 def test_maybe_symbolic_build_override_runs_in_fit_and_evaluate():
     import inspect
 

@@ -42,10 +42,13 @@ def reference_grow(score, candidates, k, k_max, sorted_picks=True):
     return _reference(tf.where(c, s, NEG_INF), k, k_max, sorted_picks)
 
 
-@pytest.fixture(params=["radix", "top_k"])
+@pytest.fixture(params=["radix", "radix_static", "top_k"])
 def path(request, monkeypatch):
-    if request.param == "radix":
+    if request.param.startswith("radix"):
         monkeypatch.setattr(selection, "RADIX_MIN_SIZE", 1)
+    if request.param == "radix_static":
+        # The shape-keeping passes XLA gets, here outside XLA.
+        monkeypatch.setattr(selection.compat, "in_xla_context", lambda: True)
     return request.param
 
 
@@ -182,6 +185,56 @@ def test_select_smallest_takes_lower_index_among_ties():
         selection.select_smallest(keys, 0).numpy(), [False] * 6
     )
     assert selection.select_smallest(keys, 99).numpy().all()
+
+
+@st.composite
+def int32_key_cases(draw):
+    """Raw int32 keys that stress each radix digit: the extremes of the
+    range (where a key minus T overflows), keys sharing their top 11 or 22
+    bits with a few others, and many ties."""
+    n = draw(st.integers(1, 200))
+    rng = np.random.default_rng(draw(st.integers(0, 2**31 - 1)))
+    lo, hi = -(2**31), 2**31 - 1
+    base = int(rng.integers(lo, hi, endpoint=True))
+    pools = [
+        np.array([lo, lo + 1, -1, 0, 1, hi - 1, hi], np.int64),
+        base + rng.integers(-(2**10), 2**10, 8),  # same top 22 bits, mostly
+        base + rng.integers(-(2**21), 2**21, 8),  # same top 11 bits, mostly
+        rng.integers(lo, hi, 8, endpoint=True),
+    ]
+    values = np.clip(np.concatenate(pools), lo, hi)
+    keys = rng.choice(values, n).astype(np.int32)
+    k = draw(st.integers(0, n + 2))
+    return keys, k
+
+
+@given(int32_key_cases())
+@settings(**SETTINGS)
+def test_select_smallest_matches_a_stable_sort_on_raw_keys(case):
+    keys, k = case
+    expected = np.zeros(len(keys), bool)
+    expected[np.argsort(keys, kind="stable")[:k]] = True
+    for compact in (True, False):
+        got = selection.select_smallest(tf.constant(keys), k, compact=compact)
+        np.testing.assert_array_equal(got.numpy(), expected)
+
+
+def test_select_smallest_compacts_outside_xla_and_not_inside():
+    keys = tf.constant(np.arange(5000, 0, -1, dtype=np.int32))
+
+    def op_types(fn):
+        graph = fn.get_concrete_function(keys).graph
+        return {op.type for op in graph.get_operations()}
+
+    plain = tf.function(lambda x: selection.select_smallest(x, 7))
+    xla = tf.function(lambda x: selection.select_smallest(x, 7),
+                      jit_compile=True)
+    assert "Where" in op_types(plain)  # the gather of the keys in play
+    assert "Where" not in op_types(xla)
+    np.testing.assert_array_equal(plain(keys).numpy(), xla(keys).numpy())
+    assert int(tf.reduce_sum(tf.cast(xla(keys), tf.int32))) == 7
+    with pytest.raises(ValueError, match="compact.*Received: compact=1"):
+        selection.select_smallest(keys, 1, compact=1)
 
 
 def test_bad_k_max_names_argument():

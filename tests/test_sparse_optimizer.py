@@ -351,6 +351,34 @@ def test_first_fit_builds_eagerly_and_traces_each_update_once(monkeypatch):
     assert opt.check_invariants() == []
 
 
+def test_recompiling_for_xla_traces_the_update_again():
+    """Outside XLA the selection gathers the keys in play (data-dependent
+    shapes), which XLA cannot compile. A model recompiled with
+    `jit_compile=True` gets the update traced again (TensorFlow keys a
+    function's traces by XLA context), and its masks equal those of the
+    same updates run without XLA."""
+    x, y = data(64)
+    runs = []
+    for jit_after in (False, True):
+        model = mlp()
+        opt = compile_sparse(model, sparsity=0.8, update_interval=2, seed=0)
+        model.fit(x, y, batch_size=16, epochs=1, verbose=0, shuffle=False)
+        before = int(opt.mask_updates.numpy())
+        model.compile(
+            optimizer=opt, jit_compile=jit_after,
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        )
+        model.fit(x, y, batch_size=16, epochs=1, verbose=0, shuffle=False)
+        assert int(opt.mask_updates.numpy()) > before > 0  # both fits
+        assert opt.check_invariants() == []
+        runs.append((int(opt.mask_updates.numpy()), opt.get_masks()))
+    (updates, masks), (xla_updates, xla_masks) = runs
+    assert updates == xla_updates
+    assert len(masks) == len(xla_masks)
+    for mask, xla_mask in zip(masks.values(), xla_masks.values()):
+        np.testing.assert_array_equal(xla_mask, mask)
+
+
 def test_overrides_keep_a_layer_dense_and_others_compensate():
     model = mlp((8, 64, 64, 3))
     first = model.layers[0].name
