@@ -137,7 +137,7 @@ def rewire(opt, layer, variable, weights, mask, grow_score, k, k_max,
     new, kept, _ = masking.prune_and_grow(
         weights, old, grow_score, k, k_max, picks_sorted, blocked
     )
-    grown_values = tf.zeros_like(weights)
+    grown_values = tf.zeros([layer.size], weights.dtype)  # a folded constant
     if is_global is not None:
         grown_values = tf.where(new, _global_grow_values(
             opt, layer, weights, old, is_global), grown_values)

@@ -59,9 +59,12 @@ def _float_bits(values):
 
 
 def _order_keys(values):
-    """int32 keys with the float order of `values` (zeros equal)."""
+    """int32 keys with the float order of `values` (zeros equal): a
+    negative float's magnitude bits are flipped. The sign, spread over all
+    bits by the arithmetic shift, picks which: no select over the keys."""
     bits = _float_bits(values)
-    return tf.where(bits < 0, tf.bitwise.bitwise_xor(bits, _MAGNITUDE), bits)
+    sign = tf.bitwise.right_shift(bits, 31)  # 0 or -1
+    return tf.bitwise.bitwise_xor(bits, tf.bitwise.bitwise_and(sign, _MAGNITUDE))
 
 
 def _magnitude_keys(values):
