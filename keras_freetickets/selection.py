@@ -84,12 +84,8 @@ def _histogram(digits, size):
 def _bucket_of_rank(counts, rank):
     """The bucket holding the `rank`-th entry (1-based), and the entries
     in the buckets before it."""
-    cumulative = tf.cumsum(counts)
-    bucket = tf.reduce_sum(tf.cast(cumulative < rank, tf.int32))
-    before = tf.where(
-        bucket > 0, tf.gather(cumulative, tf.maximum(bucket - 1, 0)), 0
-    )
-    return bucket, before
+    below = tf.cast(tf.cumsum(counts) < rank, tf.int32)  # 1 up to bucket
+    return tf.reduce_sum(below), tf.reduce_sum(counts * below)
 
 
 # Digit widths of the radix passes, most significant first (11 + 11 + 10
@@ -172,7 +168,9 @@ def select_smallest(keys, k, compact=None):
             digit = tf.bitwise.right_shift(keys, shift) + offset
         elif compact:
             offset = 0
-            in_play = tf.boolean_mask(in_play, tf.equal(digit, bucket))
+            in_play = tf.gather(
+                in_play, tf.reshape(tf.where(tf.equal(digit, bucket)), [-1])
+            )
             high = (in_play if shift == 0
                     else tf.bitwise.right_shift(in_play, shift))
             digit = tf.bitwise.bitwise_and(high, size - 1)
@@ -209,9 +207,18 @@ def select_smallest(keys, k, compact=None):
 
     def first_ties():
         ties = tf.equal(keys, threshold)
-        tie_rank = tf.cumsum(tf.cast(ties, tf.int32), exclusive=True)
-        return tf.logical_or(keys < threshold,
-                             tf.logical_and(ties, tie_rank < wanted))
+        if compact:
+            # The flat index of the last tie to take (-1: none), from the
+            # ties' positions; a prefix count over all keys costs more
+            # (cumsum: 1.9 ms on 235200 keys, 2 cores).
+            positions = tf.cast(tf.reshape(tf.where(ties), [-1]), tf.int32)
+            last = tf.where(
+                wanted > 0, tf.gather(positions, tf.maximum(wanted - 1, 0)), -1
+            )
+            take = tf.range(n) <= last
+        else:
+            take = tf.cumsum(tf.cast(ties, tf.int32), exclusive=True) < wanted
+        return tf.logical_or(keys < threshold, tf.logical_and(ties, take))
 
     return tf.cond(tf.equal(num_ties, wanted), all_ties, first_ties)
 
