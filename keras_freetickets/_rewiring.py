@@ -1,7 +1,8 @@
 """One mask update of one layer inside the train step (SparseOptimizer's).
 
 `SparseLayer` holds a masked weight's facts and state variables,
-`update_program` the traced-once update, `update_layer` decides k and the
+`step_predicates` whether a step updates masks, `update_program` the
+traced-once update, `update_layer` decides k and the
 grow scores (local or global update, EDST levers), `rewire` applies the
 drop-and-grow of `keras_freetickets.masking` to the kernel, its mask, its
 records and its optimizer slots.
@@ -35,6 +36,17 @@ class SparseLayer:
         self.k_exact = None
         self.slots = []  # (slot variable, value it is reset to)
         self.update_function = None  # see update_program
+
+
+def step_predicates(opt):
+    """(step, is it the global exploration, does it update masks) for the
+    train step being traced: the same for every layer of `opt`."""
+    step = tf.cast(
+        tf.convert_to_tensor(opt.inner_optimizer.iterations), tf.int64
+    )
+    is_global = tf.equal(step, opt.global_explore_step.value)
+    is_local = opt.schedule.is_update_step(step, opt.update_stop_step.value)
+    return step, is_global, tf.logical_or(is_global, is_local)
 
 
 def update_program(opt, layer, variable):

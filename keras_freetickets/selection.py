@@ -111,8 +111,9 @@ def select_smallest(keys, k, compact=None):
     significant first (the first digit offset so that its order is the
     signed order); each pass histograms the keys whose earlier digits are
     the buckets found so far. When every key equal to `T` is taken (the
-    usual case) the flags are one comparison, `keys <= T`; otherwise a
-    prefix count over the ties keeps the lowest indices.
+    usual case) the flags are one comparison, `keys <= T`; otherwise the
+    ties of lowest index are kept (found from the ties' positions when
+    compacting, by a prefix count over all keys in the static way).
 
     Two ways to restrict a pass to the keys still in play give the same
     flags. Compacting gathers those keys after each pass (a few hundred of a

@@ -327,22 +327,11 @@ class SparseOptimizer(
         # Whether this step updates masks is the same for every layer: it is
         # computed once here, before the inner optimizer counts the step,
         # and its per-variable updates (in this call) read it.
-        self._step_predicates = self._update_predicates()
+        self._step_predicates = _rewiring.step_predicates(self)
         try:
             self.inner_optimizer.apply(grads, trainable_variables)
         finally:
             self._step_predicates = None
-
-    def _update_predicates(self):
-        """(step, is the global exploration, does it update masks)."""
-        step = tf.cast(
-            tf.convert_to_tensor(self.inner_optimizer.iterations), tf.int64
-        )
-        is_global = tf.equal(step, self.global_explore_step.value)
-        is_local = self.schedule.is_update_step(
-            step, self.update_stop_step.value
-        )
-        return step, is_global, tf.logical_or(is_global, is_local)
 
     def _masked_update_step(self, gradient, variable, learning_rate):
         layer = self._layer_of_key.get(
@@ -360,10 +349,8 @@ class SparseOptimizer(
             )
         else:
             # TF's same-shape Select runs about 45 us faster on a 784x300
-            # kernel than `tf.where` (SelectV2, broadcasting), even with the
-            # zeros tensor (1.2% of an FMNIST-MLP v1 step on 2 cores). Of a
-            # static shape, the zeros are a constant TensorFlow folds, not
-            # a fill on every step.
+            # kernel than `tf.where` (SelectV2, broadcasting): 1.2% of an
+            # FMNIST-MLP v1 step. Static-shape zeros are a folded constant.
             zeros = (tf.zeros(gradient.shape, gradient.dtype)
                      if gradient.shape.is_fully_defined()
                      else tf.zeros_like(gradient))
@@ -373,7 +360,7 @@ class SparseOptimizer(
             variable.assign(tf.where(mask, variable, tf.zeros_like(variable)))
 
         step, is_global, update_now = (
-            self._step_predicates or self._update_predicates()
+            self._step_predicates or _rewiring.step_predicates(self)
         )
         tf.cond(
             update_now,
