@@ -1,8 +1,9 @@
 """One mask update of one layer inside the train step (SparseOptimizer's).
 
 `SparseLayer` holds a masked weight's facts and state variables,
-`step_predicates` whether a step updates masks, `update_program` the
-traced-once update, `update_layer` decides k and the
+`step_predicates` whether a step updates masks, `StepUpdates` the layers'
+updates of one step under one `cond`, `update_program` the traced-once
+update, `update_layer` decides k and the
 grow scores (local or global update, EDST levers), `rewire` applies the
 drop-and-grow of `keras_freetickets.masking` to the kernel, its mask, its
 records and its optimizer slots.
@@ -13,6 +14,7 @@ import functools
 import numpy as np
 import tensorflow as tf
 
+from keras_freetickets import _keras_compat as compat
 from keras_freetickets import masking
 from keras_freetickets import updaters
 
@@ -47,6 +49,59 @@ def step_predicates(opt):
     is_global = tf.equal(step, opt.global_explore_step.value)
     is_local = opt.schedule.is_update_step(step, opt.update_stop_step.value)
     return step, is_global, tf.logical_or(is_global, is_local)
+
+
+class StepUpdates:
+    """The mask updates of one train step.
+
+    Without a distribution strategy the inner optimizer updates every kernel
+    first, and the last sparse kernel's update step runs all the layers'
+    mask updates under one `tf.cond`: an ordinary step carries one untaken
+    branch instead of one per sparse kernel. That is still inside the inner
+    optimizer's update loop, before Keras applies constraints and counts
+    the step, where the per-kernel updates ran; each update touches its own
+    layer's state only, so the result is bit for bit the same. Under a
+    strategy each kernel's update runs per device, with that device's
+    copies (see `update_program`), and keeps its own `cond`.
+    """
+
+    def __init__(self, opt, grads=(), variables=None):
+        self.opt = opt
+        # Whether this step updates masks is the same for every layer:
+        # computed once, before the inner optimizer counts the step.
+        self.step, self.is_global, self.update_now = step_predicates(opt)
+        self.pending = []
+        self.expected = 0  # kernels to wait for; 0: each runs its own cond
+        if grads and not tf.distribute.has_strategy():
+            if variables is None:
+                variables = compat.optimizer_trainable_variables(opt)
+            inner = opt.inner_optimizer
+            self.expected = sum(
+                1 for gradient, variable in zip(grads, variables)
+                if gradient is not None
+                and compat.variable_key(inner, variable) in opt._layer_of_key
+            )
+
+    def add(self, layer, variable, mask, gradient):
+        """Queues one layer's update (after its kernel's inner update)."""
+        self.pending.append((layer, variable, mask, gradient))
+        if len(self.pending) >= self.expected:
+            self.flush()
+
+    def flush(self):
+        """Runs the queued updates in one `cond` on this step's predicate."""
+        pending, self.pending = self.pending, []
+        if not pending:
+            return
+
+        def update_all():
+            for layer, variable, mask, gradient in pending:
+                update_program(self.opt, layer, variable)(
+                    mask, gradient, self.step, self.is_global
+                )
+            return tf.constant(True)
+
+        tf.cond(self.update_now, update_all, lambda: tf.constant(False))
 
 
 def update_program(opt, layer, variable):

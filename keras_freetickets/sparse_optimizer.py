@@ -175,7 +175,7 @@ class SparseOptimizer(
         self._sparse_layers = []
         self._dense_prunable = []
         self._layer_of_key = {}
-        self._step_predicates = None  # set during apply
+        self._step_updates = None  # set during apply
 
     # The schedule's settings, under the argument names they came from.
     update_interval = property(lambda self: self.schedule.update_interval)
@@ -324,14 +324,15 @@ class SparseOptimizer(
             with eager, keras.name_scope(self.name, caller=self):
                 self.build(trainable_variables)
             self.built = True
-        # Whether this step updates masks is the same for every layer: it is
-        # computed once here, before the inner optimizer counts the step,
-        # and its per-variable updates (in this call) read it.
-        self._step_predicates = _rewiring.step_predicates(self)
+        # A local name too: under MirroredStrategy every replica's thread
+        # runs this method on the same object.
+        step_updates = _rewiring.StepUpdates(self, grads, trainable_variables)
+        self._step_updates = step_updates
         try:
             self.inner_optimizer.apply(grads, trainable_variables)
+            step_updates.flush()  # only if some kernel was never seen
         finally:
-            self._step_predicates = None
+            self._step_updates = None
 
     def _masked_update_step(self, gradient, variable, learning_rate):
         layer = self._layer_of_key.get(
@@ -359,16 +360,8 @@ class SparseOptimizer(
         if self._remask:
             variable.assign(tf.where(mask, variable, tf.zeros_like(variable)))
 
-        step, is_global, update_now = (
-            self._step_predicates or _rewiring.step_predicates(self)
-        )
-        tf.cond(
-            update_now,
-            lambda: _rewiring.update_program(self, layer, variable)(
-                mask, raw_gradient, step, is_global
-            ),
-            lambda: tf.constant(False),
-        )
+        step_updates = self._step_updates or _rewiring.StepUpdates(self)
+        step_updates.add(layer, variable, mask, raw_gradient)
 
     # ------------------------------------------------------------ delegation
     @property

@@ -351,6 +351,51 @@ def test_first_fit_builds_eagerly_and_traces_each_update_once(monkeypatch):
     assert opt.check_invariants() == []
 
 
+def _top_level_conds(model, x, y):
+    """If ops in one traced train step, not counting those nested in a
+    branch or a called function."""
+    step = tf.function(model.train_step, autograph=False)
+    graph = step.get_concrete_function((tf.constant(x), tf.constant(y))).graph
+    return sum(op.type in ("If", "StatelessIf") for op in graph.get_operations())
+
+
+def test_one_cond_runs_every_layers_update_with_the_same_result(monkeypatch):
+    """Without a strategy the layers' mask updates run in one `tf.cond`
+    (one untaken branch per ordinary step, not one per kernel). Local
+    updates and a global exploration that draws its grown weights (it reads
+    the step counter) leave kernels, masks, slots and records bit for bit
+    as the per-kernel conds do."""
+    from keras_freetickets import _rewiring
+
+    x, y = data(128)
+    runs = []
+    for batched in (True, False):
+        if not batched:  # as under a strategy: a cond per kernel
+            real_init = _rewiring.StepUpdates.__init__
+
+            def per_kernel(self, *args):
+                real_init(self, *args)
+                self.expected = 0
+
+            monkeypatch.setattr(_rewiring.StepUpdates, "__init__", per_kernel)
+        model = mlp()
+        opt = compile_sparse(model, sparsity=0.8, update_interval=3, seed=0,
+                             global_exploration=True)
+        opt.schedule_global_exploration(5, 0.8)
+        opt.set_controls(global_grow_init=0.5)
+        model.fit(x, y, batch_size=16, epochs=1, verbose=0, shuffle=False)
+        assert int(opt.mask_updates.numpy()) == 3  # steps 3, 5, 6
+        assert opt.check_invariants() == []
+        state = [v.numpy() for v in model.weights + opt.variables]
+        runs.append((state, _top_level_conds(model, x[:16], y[:16])))
+    (state, conds), (per_kernel_state, per_kernel_conds) = runs
+    assert len(opt.sparse_layers) == 3
+    assert per_kernel_conds - conds == len(opt.sparse_layers) - 1
+    assert len(state) == len(per_kernel_state)
+    for value, per_kernel in zip(state, per_kernel_state):
+        np.testing.assert_array_equal(value, per_kernel)
+
+
 def test_recompiling_for_xla_traces_the_update_again():
     """Outside XLA the selection gathers the keys in play (data-dependent
     shapes), which XLA cannot compile. A model recompiled with
