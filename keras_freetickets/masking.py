@@ -66,8 +66,8 @@ def grow_flags(grow_score, kept, k, k_max, picks_sorted=True, blocked=None):
     score = tf.where(tf.math.is_finite(score), score, 0.0)
     if blocked is not None:
         score = tf.where(blocked, -1.0 / (1.0 + score), score)
-    return selection.largest_flags(
-        score, tf.logical_not(kept), _count(k, k_max, picks_sorted), k_max)
+    return selection.largest_flags_outside(
+        score, kept, _count(k, k_max, picks_sorted), k_max)
 
 
 def favour_unused(grow_score, ever_active, novelty):

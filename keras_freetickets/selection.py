@@ -40,7 +40,10 @@ from keras_freetickets import _keras_compat as compat
 from keras_freetickets._validation import check_bool
 from keras_freetickets._validation import check_int
 
-__all__ = ["largest_flags", "select_smallest", "smallest_active_flags"]
+__all__ = [
+    "largest_flags", "largest_flags_outside", "select_smallest",
+    "smallest_active_flags",
+]
 
 _INT32_MAX = 2**31 - 1
 _MAGNITUDE = 2**31 - 1  # the non-sign bits
@@ -157,44 +160,52 @@ def select_smallest(keys, k, compact=None):
     taken = tf.constant(0, tf.int32)  # keys below the buckets found so far
     threshold = tf.constant(0, tf.int32)  # the digits of T found so far
     shift = 32
-    digit = bucket = None
+    digit = None
     in_play = keys
     for width in DIGIT_WIDTHS:
         shift -= width
         size = 1 << width
         if digit is None:
-            # Top digit of the signed key, offset into [0, size): the
-            # arithmetic shift keeps the signed order.
+            # Top digit of the key read as unsigned (one logical shift).
+            # A negative key's digit is then at least size / 2: the
+            # histogram is rotated by half into the signed order, and its
+            # bucket b holds the keys of digit b ^ (size / 2).
             offset = size // 2
-            digit = tf.bitwise.right_shift(keys, shift) + offset
-        elif compact:
-            offset = 0
-            in_play = tf.gather(
-                in_play, tf.reshape(tf.where(tf.equal(digit, bucket)), [-1])
+            digit = tf.bitcast(
+                tf.bitwise.right_shift(tf.bitcast(keys, tf.uint32), shift),
+                tf.int32,
             )
-            high = (in_play if shift == 0
-                    else tf.bitwise.right_shift(in_play, shift))
-            digit = tf.bitwise.bitwise_and(high, size - 1)
-        elif shift > 0:
-            # The key's bits above `shift` minus T's: in [0, size) exactly
-            # for the keys still in play. The others, negative or at least
-            # `size` (and above -2**31: both terms fit in 32 - shift bits),
-            # become at least 2**31 - 2**(32 - shift) with the sign bit
-            # cleared, a value no bucket counts.
-            offset = 0
-            digit = tf.bitwise.bitwise_and(
-                tf.bitwise.right_shift(keys, shift)
-                - tf.bitwise.right_shift(threshold, shift),
-                _MAGNITUDE,
-            )
+            counts = _histogram(digit, size)
+            counts = tf.roll(counts, offset, 0)
         else:
-            # The lowest digit, where that difference could overflow: the
-            # keys in play are those in the last pass's bucket.
+            if compact:
+                in_play = tf.gather(in_play, tf.reshape(
+                    tf.where(tf.equal(digit, digit_in_play)), [-1]
+                ))
+                high = (in_play if shift == 0
+                        else tf.bitwise.right_shift(in_play, shift))
+                digit = tf.bitwise.bitwise_and(high, size - 1)
+            elif shift > 0:
+                # The key's bits above `shift` minus T's: in [0, size)
+                # exactly for the keys still in play. The others, negative
+                # or at least `size` (and above -2**31: both terms fit in
+                # 32 - shift bits), become at least 2**31 - 2**(32 - shift)
+                # with the sign bit cleared, a value no bucket counts.
+                digit = tf.bitwise.bitwise_and(
+                    tf.bitwise.right_shift(keys, shift)
+                    - tf.bitwise.right_shift(threshold, shift),
+                    _MAGNITUDE,
+                )
+            else:
+                # The lowest digit, where that difference could overflow:
+                # the keys in play are those in the last pass's bucket.
+                digit = tf.where(tf.equal(digit, digit_in_play),
+                                 tf.bitwise.bitwise_and(keys, size - 1), size)
             offset = 0
-            digit = tf.where(tf.equal(digit, bucket),
-                             tf.bitwise.bitwise_and(keys, size - 1), size)
-        counts = _histogram(digit, size)
+            counts = _histogram(digit, size)
         bucket, before = _bucket_of_rank(counts, remaining)
+        # The digit value of the keys in the bucket found.
+        digit_in_play = tf.bitwise.bitwise_xor(bucket, offset)
         remaining -= before
         taken += before
         threshold = tf.bitwise.bitwise_or(
@@ -234,21 +245,29 @@ def _use_radix(radix, n):
     return n >= RADIX_MIN_SIZE if radix is None else radix
 
 
-def _select(values, flags, k, k_max, radix, top_k_score, radix_keys):
-    """The body of both selections: the k entries among `flags` of largest
-    `top_k_score(values)`, by `top_k` or, equally, by the radix select of the
-    k smallest `radix_keys(values)` (entries outside `flags` come last)."""
+def _select(values, flags, k, k_max, radix, top_k_score, radix_keys,
+            excluded=False):
+    """The body of the selections: the k entries among `flags` (outside
+    them with `excluded=True`) of largest `top_k_score(values)`, by `top_k`
+    or, equally, by the radix select of the k smallest `radix_keys(values)`
+    (the other entries come last)."""
     values = tf.reshape(values, [-1])
     flags = tf.reshape(tf.cast(flags, tf.bool), [-1])
     n = values.shape[0]
     k_max = check_int("k_max", k_max, 0, n)
+
+    def where_eligible(value, other):
+        # Swapping the branches saves a pass of logical_not over the flags.
+        return (tf.where(flags, other, value) if excluded
+                else tf.where(flags, value, other))
+
     if not _use_radix(radix, n):
-        score = tf.where(flags, top_k_score(values), float("-inf"))
+        score = where_eligible(top_k_score(values), float("-inf"))
         return _top_k_flags(score, k, k_max)
     # The sentinel only ties with itself; among those, index order decides,
     # as top_k does among its -inf scores. A real key never reaches it: the
     # largest non-NaN key is +inf's, 0x7F800000.
-    keys = tf.where(flags, radix_keys(values), _INT32_MAX)
+    keys = where_eligible(radix_keys(values), _INT32_MAX)
     return select_smallest(keys, _flat_k(k, k_max))
 
 
@@ -335,7 +354,27 @@ def largest_flags(score, candidates, k, k_max, radix=None):
     largest_flags(g, c, 2, 2)  # [True, False, True, False]
     ```
     """
-    # Larger score -> smaller key; ~key reverses the int32 order exactly.
     return _select(score, candidates, k, k_max, radix,
-                   top_k_score=lambda s: s,
-                   radix_keys=lambda s: tf.bitwise.invert(_order_keys(s)))
+                   top_k_score=lambda s: s, radix_keys=_descending_keys)
+
+
+def largest_flags_outside(score, excluded, k, k_max, radix=None):
+    """`largest_flags(score, logical_not(excluded), k, k_max, radix)`, one
+    pass over the flags cheaper: RigL grows outside the kept weights.
+
+    Example:
+
+    ```python
+    g = tf.constant([0.2, 0.9, 0.9, 0.1])
+    kept = tf.constant([False, True, False, False])
+    largest_flags_outside(g, kept, 2, 2)  # [True, False, True, False]
+    ```
+    """
+    return _select(score, excluded, k, k_max, radix,
+                   top_k_score=lambda s: s, radix_keys=_descending_keys,
+                   excluded=True)
+
+
+def _descending_keys(score):
+    # Larger score -> smaller key; ~key reverses the int32 order exactly.
+    return tf.bitwise.invert(_order_keys(score))

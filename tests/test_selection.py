@@ -126,6 +126,11 @@ def test_grow_matches_top_k(path, case):
     ).numpy()
     np.testing.assert_array_equal(got, reference_grow(score, candidates, k, k_max))
     assert got.sum() == k
+    # The same choice named by the entries to leave out (RigL's kept).
+    outside = selection.largest_flags_outside(
+        tf.constant(score), tf.constant(~candidates), tf.constant(k), k_max
+    ).numpy()
+    np.testing.assert_array_equal(outside, got)
 
 
 def test_static_k_uses_unsorted_picks_with_same_result(path):
