@@ -144,7 +144,9 @@ def update_layer(opt, layer, variable, mask, gradient, step, is_global):
             layer.k_max,
         )
         return rewire(opt, layer, variable, weights, mask, local_score(),
-                      k, layer.k_max, not layer.k_exact)
+                      k, layer.k_max, not layer.k_exact,
+                      nonnegative_score=getattr(
+                          opt.updater, "nonnegative_scores", False))
 
     ever_active = tf.reshape(
         tf.convert_to_tensor(layer.ever_active.value), [-1]
@@ -197,26 +199,29 @@ def update_layer(opt, layer, variable, mask, gradient, step, is_global):
     )
 
 def rewire(opt, layer, variable, weights, mask, grow_score, k, k_max,
-            picks_sorted, blocked=None, is_global=None):
+            picks_sorted, blocked=None, is_global=None,
+            nonnegative_score=False):
     """Applies one drop-and-grow to a layer's kernel, mask and slots."""
     shape = layer.shape
     old = tf.reshape(mask, [-1])
-    new, kept, _ = masking.prune_and_grow(
-        weights, old, grow_score, k, k_max, picks_sorted, blocked
+    new, vacated = masking.rewire_masks(
+        weights, old, grow_score, k, k_max, picks_sorted, blocked,
+        nonnegative_score,
     )
     grown_values = tf.zeros([layer.size], weights.dtype)  # a folded constant
     if is_global is not None:
         grown_values = tf.where(new, _global_grow_values(
             opt, layer, weights, old, is_global), grown_values)
     variable.assign(
-        tf.reshape(tf.where(kept, weights, grown_values), shape)
+        tf.reshape(tf.where(vacated, grown_values, weights), shape)
     )
-    kept_shaped = tf.reshape(kept, shape)
+    vacated_shaped = tf.reshape(vacated, shape)
     for slot, reset in layer.slots:
         slot_value = tf.convert_to_tensor(slot.value)
         slot.value.assign(
-            tf.where(kept_shaped, slot_value,
-                     tf.fill(shape, tf.cast(reset, slot_value.dtype)))
+            tf.where(vacated_shaped,
+                     tf.fill(shape, tf.cast(reset, slot_value.dtype)),
+                     slot_value)
         )
     new_shaped = tf.reshape(new, shape)
     layer.mask.value.assign(new_shaped)

@@ -88,13 +88,78 @@ def count_for(fraction, num_active):
 
 
 def prune_and_grow(weights, mask, grow_score, k, k_max, picks_sorted=True,
-                   blocked=None):
+                   blocked=None, nonnegative_score=False):
     """One update of a flat layer: returns (new mask, kept, dropped).
 
     Drops the `k` smallest-magnitude active weights, then grows the `k`
     best-scoring weights that are inactive after the drop (see `grow_flags`).
+    `rewire_masks` computes the same with two passes fewer.
     """
-    dropped = drop_flags(weights, mask, k, k_max, picks_sorted)
-    kept = tf.logical_and(mask, tf.logical_not(dropped))
-    grown = grow_flags(grow_score, kept, k, k_max, picks_sorted, blocked)
-    return tf.logical_or(kept, grown), kept, dropped
+    new, vacated = rewire_masks(weights, mask, grow_score, k, k_max,
+                                picks_sorted, blocked, nonnegative_score)
+    return new, tf.logical_not(vacated), tf.logical_and(mask, vacated)
+
+
+def rewire_masks(weights, mask, grow_score, k, k_max, picks_sorted=True,
+                 blocked=None, nonnegative_score=False):
+    """`prune_and_grow` as (new mask, vacated), vacated = not kept.
+
+    Flat tensors of a static size n. From `selection.RADIX_MIN_SIZE`
+    entries on, the two selections run on keys that fold several
+    elementwise passes into two integer ops each, and the entries that
+    are in the result anyway (inactive ones in the drop's, kept ones in
+    the grow's) get the minimum key, so that each selection's flags are
+    the mask wanted: `vacated` = inactive or dropped, `new` = kept or
+    grown. With `nonnegative_score=True` the caller promises scores >= 0
+    (an `Updater` with `nonnegative_scores`); a negative one counts as 0,
+    as a non-finite one always does.
+    """
+    size = weights.shape[0]
+    if size < selection.RADIX_MIN_SIZE:
+        dropped = drop_flags(weights, mask, k, k_max, picks_sorted)
+        kept = tf.logical_and(mask, tf.logical_not(dropped))
+        grown = grow_flags(grow_score, kept, k, k_max, picks_sorted, blocked)
+        return tf.logical_or(kept, grown), tf.logical_not(kept)
+    k = tf.minimum(tf.cast(k, tf.int32), k_max)
+    vacated = selection.select_smallest(
+        tf.where(mask, _magnitude_keys(weights), _INT32_MIN), k,
+        after_minimum=True,
+    )
+    if not nonnegative_score or blocked is not None:
+        kept = tf.logical_not(vacated)
+        grown = grow_flags(grow_score, kept, k, k_max, True, blocked)
+        return tf.logical_or(kept, grown), vacated
+    new = selection.select_smallest(
+        tf.where(vacated, _descending_keys(grow_score), _INT32_MIN), k,
+        after_minimum=True,
+    )
+    return new, vacated
+
+
+_INT32_MIN = -2**31
+
+
+def _magnitude_keys(weights):
+    """int32 keys in the order of |weights|. Every magnitude that is zero,
+    subnormal (zero to TensorFlow's kernels, which flush them) or not
+    finite gets key 2**24 - 1, below all others: the drop ranks a
+    non-finite weight as 0, as `drop_flags` does."""
+    bits = tf.bitcast(tf.abs(tf.cast(weights, tf.float32)), tf.uint32)
+    # + 2**23, wrapping: normal magnitudes from 2**24 up, in order; zero and
+    # subnormals below 2**24; non-finite ones past 2**31, negative as int32.
+    shifted = tf.bitcast(bits + tf.constant(1 << 23, tf.uint32), tf.int32)
+    return tf.maximum(shifted, (1 << 24) - 1)
+
+
+def _descending_keys(score):
+    """int32 keys in descending order of a score >= 0. Every score that is
+    zero, subnormal, not finite or negative gets key 0x7F000000, above all
+    others: it grows last, as 0 does in `grow_flags`."""
+    bits = tf.bitcast(tf.cast(score, tf.float32), tf.uint32)
+    # 0x7F7FFFFF - bits, wrapping: normal scores onto [0, 0x7F000000), the
+    # largest first; zero and subnormals onto [0x7F000000, 0x7F800000);
+    # the others past 2**31 as unsigned. The min gathers those on one key.
+    flipped = tf.constant(0x7F7FFFFF, tf.uint32) - bits
+    return tf.bitcast(
+        tf.minimum(flipped, tf.constant(0x7F000000, tf.uint32)), tf.int32
+    )

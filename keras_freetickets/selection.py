@@ -104,7 +104,7 @@ DIGIT_WIDTHS = (11, 11, 10)
 RADIX_MIN_SIZE = 8192
 
 
-def select_smallest(keys, k, compact=None):
+def select_smallest(keys, k, compact=None, after_minimum=False):
     """Flags of the k smallest int32 keys, lower index first among equals.
 
     The exact selection under everything else in this module: a radix select
@@ -133,9 +133,15 @@ def select_smallest(keys, k, compact=None):
         compact: bool or None. Whether to compact (True) or keep static
             shapes (False); None compacts except where XLA will compile the
             code (a `jit_compile` function, a TPU step).
+        after_minimum: bool. With True, every entry whose key is -2**31
+            is flagged, and k more among the others (so a caller can flag
+            "these, then the k smallest of the rest" in one pass). The
+            caller promises that no other key lies below -2**31 + 2**21:
+            the first pass counts that range as the minimum's.
 
     Returns:
-        A bool tensor of shape `[n]` with exactly `min(k, n)` True entries.
+        A bool tensor of shape `[n]` with exactly `min(k, n)` True entries
+        (`min(k + m, n)` with `after_minimum`, m entries at the minimum).
 
     Example:
 
@@ -155,17 +161,21 @@ def select_smallest(keys, k, compact=None):
         )
     if n == 0:
         return tf.zeros([0], tf.bool)
+    after_minimum = check_bool("after_minimum", after_minimum)
     k = tf.cast(k, tf.int32)
     if compact:
         # One traced program for every kernel and both selections: the
         # compacting passes do not need the static length.
-        return tf.ensure_shape(_compact_select(keys, k), [n])
-    return _radix_select(keys, k, compact)
+        return tf.ensure_shape(
+            _compact_select(keys, k, tf.constant(after_minimum)), [n]
+        )
+    return _radix_select(keys, k, compact, after_minimum)
 
 
-def _radix_select(keys, k, compact):
+def _radix_select(keys, k, compact, after_minimum=False):
     """`select_smallest` of int32 `keys` of shape `[n]` (n may be unknown
-    when compacting) and an int32 scalar `k`."""
+    when compacting), an int32 scalar `k` and `after_minimum` (a bool or
+    a bool tensor)."""
     n = tf.size(keys) if keys.shape[0] is None else keys.shape[0]
     k = tf.minimum(k, n)
     # Rank of T among the keys still in play. With k = 0 it is 1: T is then
@@ -192,6 +202,11 @@ def _radix_select(keys, k, compact):
             counts = _histogram(digit, size)
             # (Two slices: tf.roll took 20 us more on 2048 counts.)
             counts = tf.concat([counts[offset:], counts[:offset]], 0)
+            if after_minimum is not False:
+                # Bucket 0 holds the keys below -2**31 + 2**21: by the
+                # caller's promise, the minimum's only.
+                k = tf.minimum(k + tf.where(after_minimum, counts[0], 0), n)
+                remaining = tf.maximum(k, 1)
         else:
             if compact:
                 in_play = tf.gather(in_play, tf.reshape(
@@ -255,9 +270,11 @@ def _radix_select(keys, k, compact):
 # traced in the first train step. It is not inlined into the train step, so
 # TensorFlow also optimizes and instantiates it once.
 _compact_select = tf.function(
-    lambda keys, k: _radix_select(keys, k, compact=True),
+    lambda keys, k, after_minimum: _radix_select(
+        keys, k, compact=True, after_minimum=after_minimum),
     input_signature=[tf.TensorSpec([None], tf.int32),
-                     tf.TensorSpec([], tf.int32)],
+                     tf.TensorSpec([], tf.int32),
+                     tf.TensorSpec([], tf.bool)],
     autograph=False,
     experimental_attributes={"_noinline": True},
 )

@@ -92,6 +92,10 @@ class Updater:
     """
 
     registered_name = None
+    # True promises that grow_score never returns a negative value: the
+    # update then ranks scores by two integer ops on their bits instead of
+    # eight elementwise passes (a negative score would count as 0).
+    nonnegative_scores = False
 
     def grow_score(self, weights, gradient, context):
         raise NotImplementedError(
@@ -121,6 +125,8 @@ class Updater:
 class RigL(Updater):
     """RigL (Evci et al., 2020): grow where the dense gradient is largest."""
 
+    nonnegative_scores = True
+
     def grow_score(self, weights, gradient, context):
         del weights, context
         return tf.cast(tf.abs(gradient), tf.float32)
@@ -134,6 +140,8 @@ class SET(Updater):
     keyed by seed, layer and step, so every replica and every rerun draws
     the same numbers.
     """
+
+    nonnegative_scores = True
 
     def grow_score(self, weights, gradient, context):
         del weights, gradient

@@ -3,10 +3,12 @@
 import math
 
 import numpy as np
+import pytest
 import tensorflow as tf
 from hypothesis import given, settings, strategies as st
 
 from keras_freetickets import masking
+from keras_freetickets import selection
 
 SETTINGS = dict(deadline=None, max_examples=25, derandomize=True)
 
@@ -88,3 +90,55 @@ def test_unsorted_picks_equal_sorted_when_all_are_kept():
     b = masking.pick_largest(score, 37, 37, picks_sorted=True)
     np.testing.assert_array_equal(a.numpy(), b.numpy())
     assert int(a.numpy().sum()) == 37
+
+
+SPECIAL_VALUES = np.array(
+    [0.0, -0.0, 1e-40, -1e-40, 1e-38, 0.5, -0.5, 1.0, 3.4028235e38,
+     -3.4028235e38, np.inf, -np.inf, np.nan], np.float32)
+
+
+@settings(**SETTINGS)
+@given(size=st.integers(1, 300), density=st.floats(0.0, 1.0),
+       fraction=st.floats(0.0, 1.0), seed=st.integers(0, 10_000),
+       special=st.booleans(), signed=st.booleans(), block=st.booleans())
+def test_integer_keys_choose_what_the_top_k_code_chose(
+        size, density, fraction, seed, special, signed, block):
+    """`rewire_masks` on radix-sized layers (its keys folded into integer
+    ops, the kept and inactive entries at the minimum key) gives the masks
+    of the top_k composition, bit for bit, also with zeros of both signs,
+    subnormals, extreme and non-finite weights and scores."""
+    rng = np.random.default_rng(seed)
+    active = int(density * size)
+    mask = np.zeros(size, bool)
+    mask[rng.permutation(size)[:active]] = True
+    if special:
+        weights = rng.choice(SPECIAL_VALUES, size)
+        score = rng.choice(SPECIAL_VALUES, size)
+    else:
+        weights = np.round(rng.normal(size=size), 1).astype(np.float32)
+        score = np.round(rng.normal(size=size), 1).astype(np.float32)
+    weights = np.where(mask, weights, 0).astype(np.float32)
+    if not signed:
+        score = np.abs(score)
+    blocked = tf.constant(rng.random(size) < 0.3) if block else None
+    k = int(math.floor(fraction * active + 0.5))
+    args = (tf.constant(weights), tf.constant(mask), tf.constant(score),
+            tf.constant(k), active, True, blocked)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(selection, "RADIX_MIN_SIZE", 10**9)
+        want_new, want_vacated = masking.rewire_masks(*args)
+        patch.setattr(selection, "RADIX_MIN_SIZE", 1)
+        got = [masking.rewire_masks(*args, nonnegative)
+               for nonnegative in ((False, True) if not signed else (False,))]
+    for new, vacated in got:
+        np.testing.assert_array_equal(new.numpy(), want_new.numpy())
+        np.testing.assert_array_equal(vacated.numpy(), want_vacated.numpy())
+    assert int(new.numpy().sum()) == active
+
+
+def test_builtin_growth_rules_promise_nonnegative_scores():
+    from keras_freetickets import updaters
+
+    assert updaters.RigL.nonnegative_scores
+    assert updaters.SET.nonnegative_scores
+    assert not updaters.Updater.nonnegative_scores  # custom rules: general

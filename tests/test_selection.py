@@ -224,6 +224,24 @@ def test_select_smallest_matches_a_stable_sort_on_raw_keys(case):
         np.testing.assert_array_equal(got.numpy(), expected)
 
 
+@given(int32_key_cases(), st.floats(0.0, 1.0))
+@settings(**SETTINGS)
+def test_after_minimum_flags_the_minimum_then_k_of_the_rest(case, share):
+    keys, k = case
+    # The promise: no key between the minimum and -2**31 + 2**21.
+    keys = np.where(keys < -(2**31) + 2**21, -(2**31) + 2**21, keys)
+    rng = np.random.default_rng(len(keys) + k)
+    at_minimum = rng.random(len(keys)) < share
+    keys = np.where(at_minimum, -(2**31), keys).astype(np.int32)
+    expected = at_minimum.copy()
+    rest = np.flatnonzero(~at_minimum)
+    expected[rest[np.argsort(keys[rest], kind="stable")[:k]]] = True
+    for compact in (True, False):
+        got = selection.select_smallest(tf.constant(keys), k, compact=compact,
+                                        after_minimum=True)
+        np.testing.assert_array_equal(got.numpy(), expected)
+
+
 def test_select_smallest_compacts_outside_xla_and_not_inside():
     keys = tf.constant(np.arange(5000, 0, -1, dtype=np.int32))
 
