@@ -14,11 +14,19 @@ rounds). Reported: p50 and p99 of the request latency per model and batch,
 and the p50 ratio of each ensemble to the dense member. The weights are
 random: the figures are about time, not accuracy.
 
+`--threads` times the same SavedModels under several TensorFlow thread
+settings, one child process each (the settings bind a whole process):
+`default` is TensorFlow's own (a thread per core for both pools), `I:J`
+sets `intra_op_parallelism_threads=I` and `inter_op_parallelism_threads=J`,
+as TF Serving's `--tensorflow_intra_op_parallelism` and
+`--tensorflow_inter_op_parallelism` do. The report also gives, per batch,
+each model at its fastest setting.
+
 Usage:
 
 ```
 TF_CPP_MIN_LOG_LEVEL=2 .venv/bin/python benchmarks/serving_latency.py \
-    --models=mlp,cnn --rounds=10 --calls=100
+    --models=mlp,cnn --rounds=10 --calls=100 --threads=default,1:2
 ```
 """
 
@@ -51,14 +59,41 @@ flags.DEFINE_integer("rounds", 10, "Interleaved rounds per batch size.")
 flags.DEFINE_integer("calls", 100, "Requests per model per round.")
 flags.DEFINE_string("out", "benchmarks/results",
                     "Folder for serving_latency.json and .md.")
+flags.DEFINE_list(
+    "threads", ["default"],
+    "TensorFlow thread settings to time, each in its own serving process: "
+    "'default', or INTRA:INTER (intra-op and inter-op threads).")
 flags.DEFINE_bool("quick", False, "Smoke run: 2 rounds of 5 calls.")
 flags.DEFINE_string("child", None, "Internal: JSON spec of a timing run.")
+
+
+def parse_threads(values):
+    """{label: None (TensorFlow's default) or (intra, inter)} from a
+    `--threads` list, in order; a usage error names a bad entry."""
+    settings = {}
+    for value in (v.strip() for v in values):
+        if not value:
+            continue
+        if value == "default":
+            settings[value] = None
+            continue
+        parts = value.split(":")
+        if (len(parts) != 2 or not all(p.isdigit() for p in parts)
+                or 0 in (int(parts[0]), int(parts[1]))):
+            raise app.UsageError(
+                "Flag --threads must list 'default' or INTRA:INTER with "
+                f"positive integers, such as 1:2. Received: {value!r}"
+            )
+        settings[value] = (int(parts[0]), int(parts[1]))
+    if not settings:
+        raise app.UsageError("Flag --threads must name at least one setting.")
+    return settings
 
 
 def _validate_flags():
     models = benchkit.parse_models(FLAGS.models)
     benchkit.require_at_least(FLAGS, ("rounds", "calls"))
-    return models
+    return models, parse_threads(FLAGS.threads)
 
 
 # ------------------------------------------------------------------ export
@@ -122,6 +157,11 @@ def child_main(spec):
     import tensorflow as tf
 
     spec = json.loads(spec)
+    if spec["threads"] is not None:
+        # Before the first op: TensorFlow fixes its pools then.
+        intra, inter = spec["threads"]
+        tf.config.threading.set_intra_op_parallelism_threads(intra)
+        tf.config.threading.set_inter_op_parallelism_threads(inter)
     loaded_modules = [m for m in ("keras_freetickets", "keras") if m in sys.modules]
     signatures = {
         label: tf.saved_model.load(path).signatures["serving_default"]
@@ -157,14 +197,16 @@ def child_main(spec):
         }
     print("LATENCY_JSON " + json.dumps(dict(
         results=results, modules_loaded_at_start=loaded_modules,
+        threads=[tf.config.threading.get_intra_op_parallelism_threads(),
+                 tf.config.threading.get_inter_op_parallelism_threads()],
         keras_loaded_after=("keras" in sys.modules),
     )), flush=True)
 
 
-def time_in_child(name, paths, rounds, calls):
+def time_in_child(name, paths, rounds, calls, threads=None):
     shape = (784,) if name == "mlp" else (28, 28, 1)
     spec = json.dumps(dict(paths=paths, input_shape=shape, batches=list(BATCHES),
-                           rounds=rounds, calls=calls))
+                           rounds=rounds, calls=calls, threads=threads))
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     # The child runs this file with only --child: its imports are absl,
     # the standard library, numpy and TensorFlow.
@@ -181,6 +223,33 @@ def time_in_child(name, paths, rounds, calls):
 
 
 # ----------------------------------------------------------------- report
+def _mark(batch, label, ratio):
+    if batch != "1" or label == "dense member":
+        return ""
+    return " yes" if ratio <= TARGET_P50_RATIO_BATCH_1 else " NO"
+
+
+def fastest_settings(by_threads):
+    """{batch: {variant: {threads, p50_ms, ratio}}}: each variant at the
+    thread setting of its lowest p50, the ratio against the dense member at
+    its own fastest setting."""
+    fastest = {}
+    first = next(iter(by_threads.values()))["latency"]
+    for batch in first:
+        rows = {}
+        for label in VARIANTS:
+            setting, p50 = min(
+                ((s, t["latency"][batch][label]["p50_ms"])
+                 for s, t in by_threads.items()),
+                key=lambda item: item[1],
+            )
+            rows[label] = dict(threads=setting, p50_ms=p50)
+        for row in rows.values():
+            row["ratio"] = row["p50_ms"] / rows["dense member"]["p50_ms"]
+        fastest[batch] = rows
+    return fastest
+
+
 def render_markdown(report):
     lines = [
         "# Serving latency (BENCHMARK.md \"Speed figures\" / \"Serving latency\")",
@@ -199,31 +268,53 @@ def render_markdown(report):
            if report["settings"]["quick"] else ""),
         f"- Machine: {report['machine']} (p99 follows the machine's load).",
         f"- Date: {report['date']}; TensorFlow {report['versions']['tensorflow']}.",
+        "- Threads: `default` is TensorFlow's own setting; `I:J` is "
+        "intra-op I, inter-op J threads (TF Serving's "
+        "`--tensorflow_intra_op_parallelism` / `--tensorflow_inter_op_parallelism`); "
+        "each setting runs in its own serving process, so its ratios are "
+        "within one process and figures across settings are not.",
         f"- Command: `{report['command']}` ({report['wall_seconds']:.0f} s).",
         "",
-        "| model | batch | variant | p50 ms | p99 ms | p50 / dense member "
+        "| model | threads | batch | variant | p50 ms | p99 ms | p50 / dense member "
         f"(target at batch 1: <= {TARGET_P50_RATIO_BATCH_1}) | p99 / dense member |",
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in report["results"]:
-        for batch, rows in r["latency"].items():
-            base = rows["dense member"]
+        for setting, timing in r["by_threads"].items():
+            for batch, rows in timing["latency"].items():
+                base = rows["dense member"]
+                for label in VARIANTS:
+                    row = rows[label]
+                    ratio = row["p50_ms"] / base["p50_ms"]
+                    lines.append(
+                        f"| {r['protocol']} | {setting} | {batch} | {label} "
+                        f"| {row['p50_ms']:.3f} | {row['p99_ms']:.3f} "
+                        f"| {ratio:.2f}{_mark(batch, label, ratio)} "
+                        f"| {row['p99_ms'] / base['p99_ms']:.2f} |"
+                    )
+    lines += [
+        "",
+        "Each model at its fastest thread setting (lowest p50 per batch), "
+        "against the dense member at its own fastest (figures from different "
+        "serving processes):",
+        "",
+        "| model | batch | variant | fastest setting | p50 ms | p50 / dense member at its fastest |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in report["results"]:
+        for batch, rows in r["fastest"].items():
             for label in VARIANTS:
                 row = rows[label]
-                ratio = row["p50_ms"] / base["p50_ms"]
-                mark = ""
-                if batch == "1" and label != "dense member":
-                    mark = " yes" if ratio <= TARGET_P50_RATIO_BATCH_1 else " NO"
                 lines.append(
-                    f"| {r['protocol']} | {batch} | {label} | {row['p50_ms']:.3f} "
-                    f"| {row['p99_ms']:.3f} | {ratio:.2f}{mark} "
-                    f"| {row['p99_ms'] / base['p99_ms']:.2f} |"
+                    f"| {r['protocol']} | {batch} | {label} | {row['threads']} "
+                    f"| {row['p50_ms']:.3f} | {row['ratio']:.2f}"
+                    f"{_mark(batch, label, row['ratio'])} |"
                 )
     lines.append("")
     return "\n".join(lines)
 
 
-def run_benchmark(models):
+def run_benchmark(models, threads):
     import keras
     import tensorflow as tf
 
@@ -240,17 +331,29 @@ def run_benchmark(models):
         for name in models:
             paths = export_models(name, work)
             keras.backend.clear_session()
-            timing = time_in_child(name, paths, rounds, calls)
+            by_threads = {}
+            for setting, pools in threads.items():
+                timing = time_in_child(name, paths, rounds, calls, pools)
+                by_threads[setting] = dict(
+                    latency=timing["results"],
+                    threads_in_effect=timing["threads"],
+                    serving_process=dict(
+                        modules_loaded_at_start=timing["modules_loaded_at_start"],
+                        keras_loaded_after=timing["keras_loaded_after"],
+                    ),
+                )
+                one = timing["results"]["1"]
+                ratio = one["M = 3 per member"]["p50_ms"] / one["dense member"]["p50_ms"]
+                print(f"[serving] {MODELS[name]}, threads {setting}: batch-1 "
+                      f"p50 ratio {ratio:.2f}", flush=True)
+            first = next(iter(by_threads.values()))
             results.append(dict(
-                model=name, protocol=MODELS[name], latency=timing["results"],
-                serving_process=dict(
-                    modules_loaded_at_start=timing["modules_loaded_at_start"],
-                    keras_loaded_after=timing["keras_loaded_after"],
-                ),
+                model=name, protocol=MODELS[name],
+                # The first setting's figures (TensorFlow's default unless
+                # --threads says otherwise).
+                latency=first["latency"], serving_process=first["serving_process"],
+                by_threads=by_threads, fastest=fastest_settings(by_threads),
             ))
-            one = timing["results"]["1"]
-            ratio = one["M = 3 per member"]["p50_ms"] / one["dense member"]["p50_ms"]
-            print(f"[serving] {MODELS[name]}: batch-1 p50 ratio {ratio:.2f}", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     report = dict(
@@ -258,7 +361,7 @@ def run_benchmark(models):
                                [MODELS[m] for m in models] + ["Serving latency"]),
         settings=dict(num_members=NUM_MEMBERS, sparsity=SPARSITY,
                       batches=list(BATCHES), rounds=rounds, calls=calls,
-                      quick=FLAGS.quick),
+                      threads=list(threads), quick=FLAGS.quick),
         target=dict(p50_ratio_batch_1=TARGET_P50_RATIO_BATCH_1),
         results=results,
         wall_seconds=time.time() - start,
@@ -272,7 +375,7 @@ def main(argv):
     if FLAGS.child:
         child_main(FLAGS.child)
         return
-    run_benchmark(_validate_flags())
+    run_benchmark(*_validate_flags())
 
 
 if __name__ == "__main__":

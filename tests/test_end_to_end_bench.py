@@ -37,6 +37,33 @@ def test_bad_flags_fail_before_tensorflow_loads():
     assert "Flag --models must list names in ['cnn', 'mlp']. Received: 'rnn'" in proc.stderr
     proc = _run("end_to_end.py", "--pairs=0", timeout=60)
     assert "Flag --pairs must be >= 1. Received: 0" in proc.stderr
+    for bad in ("2", "0:2", "1:x", "1:2:3"):
+        proc = _run("serving_latency.py", f"--threads=default,{bad}", timeout=60)
+        assert proc.returncode != 0
+        assert ("Flag --threads must list 'default' or INTRA:INTER with positive "
+                f"integers, such as 1:2. Received: '{bad}'") in proc.stderr
+
+
+def test_fastest_settings_picks_each_variants_lowest_p50():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import serving_latency
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+
+    def timing(dense, per_member, batched):
+        row = lambda p50: dict(p50_ms=p50, p99_ms=2 * p50, requests=1)
+        return {"latency": {"1": {
+            "dense member": row(dense), "M = 3 per member": row(per_member),
+            "M = 3 batched": row(batched),
+        }}}
+
+    fastest = serving_latency.fastest_settings({
+        "default": timing(2.0, 3.0, 5.0), "1:2": timing(1.0, 4.0, 2.5),
+    })["1"]
+    assert fastest["dense member"] == dict(threads="1:2", p50_ms=1.0, ratio=1.0)
+    assert fastest["M = 3 per member"] == dict(threads="default", p50_ms=3.0, ratio=3.0)
+    assert fastest["M = 3 batched"] == dict(threads="1:2", p50_ms=2.5, ratio=2.5)
 
 
 @pytest.mark.slow
@@ -61,7 +88,8 @@ def test_end_to_end_quick_run_writes_breakdown(tmp_path):
 
 @pytest.mark.slow
 def test_serving_latency_quick_run_never_imports_the_library(tmp_path):
-    proc = _run("serving_latency.py", "--quick", "--models=mlp", f"--out={tmp_path}")
+    proc = _run("serving_latency.py", "--quick", "--models=mlp",
+                "--threads=default,1:1", f"--out={tmp_path}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "serving_latency.json").read_text())
     markdown = (tmp_path / "serving_latency.md").read_text()
@@ -74,6 +102,15 @@ def test_serving_latency_quick_run_never_imports_the_library(tmp_path):
         assert set(rows) == {"dense member", "M = 3 per member", "M = 3 batched"}
         for row in rows.values():
             assert 0 < row["p50_ms"] <= row["p99_ms"]
+    # Each thread setting ran in its own serving process, with its pools.
+    assert list(result["by_threads"]) == ["default", "1:1"]
+    assert result["by_threads"]["1:1"]["threads_in_effect"] == [1, 1]
+    assert result["by_threads"]["default"]["threads_in_effect"] == [0, 0]
+    assert result["latency"] == result["by_threads"]["default"]["latency"]
+    fastest = result["fastest"]["1"]["dense member"]
+    assert fastest["threads"] in ("default", "1:1") and fastest["ratio"] == 1.0
+    assert "| FMNIST-MLP v1 | 1:1 | 1 | M = 3 per member |" in markdown
+    assert "fastest setting" in markdown
 
 
 @pytest.mark.slow
