@@ -78,13 +78,13 @@ def parse_threads(values):
             settings[value] = None
             continue
         parts = value.split(":")
-        if (len(parts) != 2 or not all(p.isdigit() for p in parts)
-                or 0 in (int(parts[0]), int(parts[1]))):
+        pools = [int(p) if p.isascii() and p.isdigit() else 0 for p in parts]
+        if len(pools) != 2 or 0 in pools:
             raise app.UsageError(
                 "Flag --threads must list 'default' or INTRA:INTER with "
                 f"positive integers, such as 1:2. Received: {value!r}"
             )
-        settings[value] = (int(parts[0]), int(parts[1]))
+        settings[value] = tuple(pools)
     if not settings:
         raise app.UsageError("Flag --threads must name at least one setting.")
     return settings

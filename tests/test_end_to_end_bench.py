@@ -37,7 +37,7 @@ def test_bad_flags_fail_before_tensorflow_loads():
     assert "Flag --models must list names in ['cnn', 'mlp']. Received: 'rnn'" in proc.stderr
     proc = _run("end_to_end.py", "--pairs=0", timeout=60)
     assert "Flag --pairs must be >= 1. Received: 0" in proc.stderr
-    for bad in ("2", "0:2", "1:x", "1:2:3"):
+    for bad in ("2", "0:2", "1:x", "1:2:3", "1:\u00b2", "-1:2"):
         proc = _run("serving_latency.py", f"--threads=default,{bad}", timeout=60)
         assert proc.returncode != 0
         assert ("Flag --threads must list 'default' or INTRA:INTER with positive "
