@@ -8,6 +8,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import textwrap
 
 import pytest
 
@@ -45,22 +46,28 @@ def test_bad_flags_fail_before_tensorflow_loads():
 
 
 def test_fastest_settings_picks_each_variants_lowest_p50():
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
+    # In a child: the script defines absl flags (--out, --quick) that other
+    # benchmark modules loaded by this test process define too.
+    code = textwrap.dedent("""
+        import json, sys
+        sys.path.insert(0, "benchmarks")
         import serving_latency
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
 
-    def timing(dense, per_member, batched):
-        row = lambda p50: dict(p50_ms=p50, p99_ms=2 * p50, requests=1)
-        return {"latency": {"1": {
-            "dense member": row(dense), "M = 3 per member": row(per_member),
-            "M = 3 batched": row(batched),
-        }}}
+        def timing(dense, per_member, batched):
+            row = lambda p50: dict(p50_ms=p50, p99_ms=2 * p50, requests=1)
+            return {"latency": {"1": {
+                "dense member": row(dense), "M = 3 per member": row(per_member),
+                "M = 3 batched": row(batched),
+            }}}
 
-    fastest = serving_latency.fastest_settings({
-        "default": timing(2.0, 3.0, 5.0), "1:2": timing(1.0, 4.0, 2.5),
-    })["1"]
+        print(json.dumps(serving_latency.fastest_settings({
+            "default": timing(2.0, 3.0, 5.0), "1:2": timing(1.0, 4.0, 2.5),
+        })))
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                          text=True, env=ENV, cwd=REPO, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    fastest = json.loads(proc.stdout.strip().splitlines()[-1])["1"]
     assert fastest["dense member"] == dict(threads="1:2", p50_ms=1.0, ratio=1.0)
     assert fastest["M = 3 per member"] == dict(threads="default", p50_ms=3.0, ratio=3.0)
     assert fastest["M = 3 batched"] == dict(threads="1:2", p50_ms=2.5, ratio=2.5)
