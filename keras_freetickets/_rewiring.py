@@ -145,8 +145,7 @@ def update_layer(opt, layer, variable, mask, gradient, step, is_global):
         )
         return rewire(opt, layer, variable, weights, mask, local_score(),
                       k, layer.k_max, not layer.k_exact,
-                      nonnegative_score=getattr(
-                          opt.updater, "nonnegative_scores", False))
+                      nonnegative_score=opt.updater.nonnegative_scores)
 
     ever_active = tf.reshape(
         tf.convert_to_tensor(layer.ever_active.value), [-1]

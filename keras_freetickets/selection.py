@@ -18,16 +18,17 @@ no shape depends on the data, so XLA compiles the update once. Below
 `RADIX_MIN_SIZE` entries the functions run the reference `top_k` code
 itself, which was as fast there.
 
-In `SparseOptimizer._prune_and_grow` (with `kk = k_max if k_is_static
-else k`, a Python int when every pick is kept, as there):
+In `keras_freetickets.masking` (`drop_flags` and `grow_flags`, with
+`kk = k_max` as a Python int when every pick is kept, else `k`):
 
 ```python
 dropped = selection.smallest_active_flags(weights, old, kk, k_max)
 kept = tf.logical_and(old, tf.logical_not(dropped))
-grown = selection.largest_flags(score, tf.logical_not(kept), kk, k_max)
+grown = selection.largest_flags_outside(score, kept, kk, k_max)
 ```
 
-replaces the two `top_k` + `_scatter_flags` pairs and gives the same masks.
+replaces the two `top_k` + scatter pairs and gives the same masks;
+`masking.rewire_masks` calls `select_smallest` directly on its own keys.
 
 Weights must be finite and scores free of NaN and `-inf` (with those, top_k
 mixes them with the masked-out entries' `-inf`; that order is not
