@@ -13,6 +13,11 @@ rewires are unstructured), the layer's product is timed as:
 - `gather`: padded ELL: per output unit the indices and values of its
   nonzero inputs (padded to the largest count), `tf.gather` of the inputs
   and a weighted sum (Conv2D: on the im2col matrix);
+- `compiled` (Dense layers only; `--nocompiled` leaves it out): the
+  hand-written C++ kernel of `compiled_kernel.py`, compiled at the start of
+  the run (~10 s; needs g++); like the other two it gets its index (of the
+  mask, by row and by column) built once, outside the timed calls, and the
+  time to build it is reported beside;
 - `block`: not timed. A block-sparse kernel skips only all-zero blocks; the
   table gives the fraction of 4x4 and 16x16 blocks that hold a nonzero under
   these unstructured masks, which bounds what any block layout could save.
@@ -22,7 +27,16 @@ Forward passes at batch 1 and 128 (inference), and forward + backward
 batch 128 (training). Each variant is a `tf.function`; the variants of one
 layer are timed in interleaved rounds (order alternating) and the median
 per call is reported, with the speed-up over dense (> 1: faster). Every
-sparse path is checked against dense first (max abs difference <= 1e-4).
+sparse path is checked against dense first (max abs difference <= 1e-4,
+relative to the largest magnitude for gradients).
+
+Then, with `compiled` and FMNIST-MLP v1 in the run, whole `fit`s
+(`--fit_pairs`, one epoch each on the real training split): the dense model
+against the same model with the layers of `--fit_layers` (default: the
+784x300 layer, where a sparse kernel has the most to skip) on the compiled
+path, with the table's fixed masks at the protocol's S = 0.8
+(`--fit_sparsity=0.9` for the sparser masks) and no
+SparseOptimizer: what a sparse fit could gain from this kernel at most.
 
 Usage:
 
@@ -44,7 +58,7 @@ import protocols
 
 MODELS = protocols.PROTOCOL_NAMES
 SPARSITIES = (0.8, 0.9)
-PATHS = ("dense", "tf.sparse", "gather")
+PATHS = ("dense", "tf.sparse", "gather", "compiled")
 ATOL = 1e-4
 
 FLAGS = flags.FLAGS
@@ -56,12 +70,34 @@ flags.DEFINE_float("seconds_per_call_group", 0.05,
 flags.DEFINE_string("out", "benchmarks/results",
                     "Folder for sparse_kernels.json and .md.")
 flags.DEFINE_bool("quick", False, "Smoke run: 2 rounds, batch 1 and 8.")
+flags.DEFINE_bool("compiled", True,
+                  "Also time the compiled C++ kernel on Dense layers (needs g++).")
+flags.DEFINE_integer("fit_pairs", 5,
+                     "Pairs of one-epoch FMNIST-MLP v1 fits, dense against the "
+                     "compiled path (0: none; needs --compiled and mlp).")
+flags.DEFINE_list("fit_layers", ["0"],
+                  "Places (0, 1, 2) of the FMNIST-MLP v1 layers the fit puts on "
+                  "the compiled path; 0 is the 784x300 layer.")
+flags.DEFINE_float("fit_sparsity", 0.8,
+                   "S of the fit's masks: 0.8 (FMNIST-MLP v1's) or 0.9.")
 
 
 def _validate_flags():
     models = benchkit.parse_models(FLAGS.models)
     benchkit.require_at_least(FLAGS, ["rounds"])
-    return models
+    benchkit.require_at_least(FLAGS, ["fit_pairs"], minimum=0)
+    places = [p.strip() for p in FLAGS.fit_layers if p.strip()]
+    if not places or any(p not in ("0", "1", "2") for p in places):
+        raise app.UsageError(
+            "Flag --fit_layers must list places among 0, 1, 2. "
+            f"Received: {','.join(FLAGS.fit_layers)!r}"
+        )
+    if FLAGS.fit_sparsity not in SPARSITIES:
+        raise app.UsageError(
+            f"Flag --fit_sparsity must be one of {list(SPARSITIES)}. "
+            f"Received: {FLAGS.fit_sparsity}"
+        )
+    return models, sorted({int(p) for p in places})
 
 
 # ------------------------------------------------------------------ layers
@@ -149,6 +185,7 @@ class _Product:
         self.ell_val = tf.Variable(val)
         self.ell_width = width
         self.dense_var = tf.Variable(kernel)
+        self.mask = tf.constant(kernel != 0)  # the compiled path's mask
 
     def patches(self, x):
         import tensorflow as tf
@@ -192,6 +229,14 @@ class _Product:
         yt = tf.sparse.sparse_dense_matmul(sp, matrix, adjoint_b=True)
         return self._restore(tf.transpose(yt), shape)
 
+    def compiled(self, x, kernel=None):
+        import tensorflow as tf
+
+        import compiled_kernel
+
+        kernel = self.kernel if kernel is None else kernel
+        return compiled_kernel.matmul(x, kernel, self.index)
+
     def gather(self, x, values=None):
         import tensorflow as tf
 
@@ -223,7 +268,7 @@ def _time(fns, rounds, group_seconds):
 
 
 def measure_layer(name, path, kind, shape, in_shape, density, batches, rounds,
-                  group_seconds, seed):
+                  group_seconds, seed, use_compiled=False):
     import numpy as np
     import tensorflow as tf
 
@@ -242,10 +287,20 @@ def measure_layer(name, path, kind, shape, in_shape, density, batches, rounds,
         "tf.sparse": tf.function(product.tf_sparse),
         "gather": tf.function(product.gather),
     }
+    if use_compiled and kind == "dense":
+        import compiled_kernel
+
+        product.index = compiled_kernel.mask_index(product.mask)
+        forward_fns["compiled"] = tf.function(product.compiled)
+        index_fn = tf.function(compiled_kernel.mask_index)
+        row["index_ms"] = 1e3 * _time(
+            {"index": lambda: index_fn(product.mask)[0].numpy()},
+            rounds, group_seconds)["index"]
+    sparse_labels = [label for label in forward_fns if label != "dense"]
     for batch in batches:
         x = tf.constant(rng.random((batch,) + in_shape, dtype=np.float32))
         reference = forward_fns["dense"](x).numpy()
-        for label in ("tf.sparse", "gather"):
+        for label in sparse_labels:
             error = float(np.abs(forward_fns[label](x).numpy() - reference).max())
             if error > ATOL:
                 raise AssertionError(f"{path} {label}: differs from dense by {error}")
@@ -270,10 +325,12 @@ def measure_layer(name, path, kind, shape, in_shape, density, batches, rounds,
         "tf.sparse": train_step(product.tf_sparse, product.values),
         "gather": train_step(product.gather, product.ell_val),
     }
+    if "compiled" in forward_fns:
+        train_fns["compiled"] = train_step(product.compiled, product.dense_var)
     batch = batches[-1]
     x = tf.constant(rng.random((batch,) + in_shape, dtype=np.float32))
     dx_reference = train_fns["dense"](x)[0].numpy()
-    for label in ("tf.sparse", "gather"):
+    for label in sparse_labels:
         dx = train_fns[label](x)[0].numpy()
         error = float(np.abs(dx - dx_reference).max() / max(1.0, np.abs(dx_reference).max()))
         if error > ATOL:
@@ -304,7 +361,9 @@ def render_markdown(report):
         "- Paths: dense = `tf.matmul` / `tf.nn.conv2d` with the zeros; "
         "tf.sparse = `tf.sparse.sparse_dense_matmul` (convolutions through an "
         "`extract_patches` im2col); gather = padded ELL (`tf.gather` of each "
-        "output's nonzero inputs + weighted sum). Speed-up = dense time / "
+        "output's nonzero inputs + weighted sum); compiled = the C++ kernel of "
+        "`compiled_kernel.py` (Dense layers; its mask index, built once per "
+        "mask, timed apart). Speed-up = dense time / "
         "path time (> 1 is faster than dense). Training = forward + backward "
         "(gradients for the inputs and the nonzero weights).",
         f"- Machine: {report['machine']}.",
@@ -316,9 +375,12 @@ def render_markdown(report):
         "",
     ]
     batches = report["settings"]["batches"]
-    header = ["model", "layer", "S", "density", "blocks with a nonzero (4x4 / 16x16)"]
+    header = ["model", "layer", "S", "density", "blocks with a nonzero (4x4 / 16x16)",
+              "compiled: index ms"]
+    labels = [label for label in PATHS[1:]
+              if any(label in r["forward"][str(batches[0])] for r in report["rows"])]
     for part in [f"forward b={b}" for b in batches] + [f"training b={batches[-1]}"]:
-        header += [f"{part}: dense ms", "tf.sparse", "gather"]
+        header += [f"{part}: dense ms", *labels]
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "---|" * len(header))
     faster = []
@@ -327,17 +389,17 @@ def render_markdown(report):
             r["protocol"], f"`{r['layer']}` {'x'.join(map(str, r['shape']))}",
             str(r["sparsity"]), f"{r['density']:.3f}",
             f"{r['blocks_4']:.2f} / {r['blocks_16']:.2f}",
+            f"{r['index_ms']:.3f}" if "index_ms" in r else "n/a",
         ]
         groups = [("forward", str(b)) for b in batches]
         groups.append(("training", str(batches[-1])))
         for part, b in groups:
             t = r[part][b]
-            cells.append(
-                f"{t['dense']['ms']:.3f} | {t['tf.sparse']['speedup']:.2f}x | "
-                f"{t['gather']['speedup']:.2f}x"
-            )
-            for label in ("tf.sparse", "gather"):
-                if t[label]["speedup"] > 1.0:
+            cells.append(f"{t['dense']['ms']:.3f}")
+            cells += [f"{t[label]['speedup']:.2f}x" if label in t else "n/a"
+                      for label in labels]
+            for label in labels:
+                if label in t and t[label]["speedup"] > 1.0:
                     faster.append(
                         f"{r['protocol']} `{r['layer']}` S={r['sparsity']} "
                         f"{part} b={b}: {label} {t[label]['speedup']:.2f}x"
@@ -348,26 +410,78 @@ def render_markdown(report):
         lines += [f"- {item}" for item in faster]
     else:
         lines.append("- Nowhere: on every layer, batch and pass, dense was faster.")
+    lines += _fit_markdown(report.get("fit"))
     lines.append("")
     return "\n".join(lines)
 
 
+def _fit_markdown(fit):
+    if not fit:
+        return []
+    head = ["", "## Whole fits: dense against the compiled path", ""]
+    s = fit["seconds"]
+    return head + [
+        f"FMNIST-MLP v1's model, {fit['epochs']} epoch(s) per fit on the "
+        "training split, batch 128, plain SGD (no SparseOptimizer, no L2), "
+        f"alternating; compiled layers: {', '.join(fit['layer_names'])} "
+        f"(the table's fixed masks at S = {fit['sparsity']}).",
+        "",
+        "| pair | dense s | compiled s | compiled / dense |",
+        "|---|---|---|---|",
+        *[f"| {p} | {d:.2f} | {c:.2f} | {c / d:.3f} |"
+          for p, (d, c) in enumerate(zip(s["dense"], s["compiled"]))],
+        "",
+        f"Median ratio: {fit['ratio']:.3f} (< 1: the compiled fit is faster).",
+    ]
+
+
+def run_fit(rows, places, pairs, quick):
+    """The whole-fit comparison with the layers at `places` compiled."""
+    import numpy as np
+
+    from keras_freetickets.contrib.datasets import load_fashion_mnist
+
+    import compiled_kernel
+
+    chosen = [r for r in rows if r["protocol"] == MODELS["mlp"]
+              and r["sparsity"] == FLAGS.fit_sparsity and r["position"] in places]
+    masks = {}
+    for r in chosen:  # the masks the layer table timed
+        kernel, _ = random_kernel(tuple(r["shape"]), r["density"], seed=r["position"])
+        masks[r["position"]] = kernel != 0
+    x, y = load_fashion_mnist("train", flatten=True)
+    if quick:
+        x, y = x[:2560], y[:2560]
+    result = compiled_kernel.fit_comparison(np.asarray(x), np.asarray(y), masks,
+                                            pairs, log=True)
+    result["layer_names"] = [
+        f"`{r['layer']}` {'x'.join(map(str, r['shape']))}" for r in chosen]
+    result["sparsity"] = FLAGS.fit_sparsity
+    return result
+
+
 def main(argv):
     benchkit.no_arguments(argv)
-    models = _validate_flags()
+    models, fit_layers = _validate_flags()
     start = time.time()
     batches = (1, 8) if FLAGS.quick else (1, 128)
     rounds = 2 if FLAGS.quick else FLAGS.rounds
     group = 0.005 if FLAGS.quick else FLAGS.seconds_per_call_group
     rows = []
+    if FLAGS.compiled:
+        import compiled_kernel
+
+        compiled_kernel.load()  # a missing compiler fails here, not mid-run
     for name in models:
         specs = layer_specs(name)
         for sparsity in SPARSITIES:
             dens = densities(specs, sparsity)
             for index, (path, kind, shape, in_shape) in enumerate(specs):
                 row = measure_layer(name, path, kind, shape, in_shape, dens[path],
-                                    batches, rounds, group, seed=index)
+                                    batches, rounds, group, seed=index,
+                                    use_compiled=FLAGS.compiled)
                 row["sparsity"] = sparsity
+                row["position"] = index  # the layer's place in the model
                 rows.append(row)
                 f = row["forward"][str(batches[-1])]
                 print(f"[sparse_kernels] {MODELS[name]} {path} S={sparsity}: "
@@ -376,10 +490,13 @@ def main(argv):
     report = dict(
         **benchkit.report_header("sparse_kernels", [MODELS[m] for m in models]),
         settings=dict(sparsities=list(SPARSITIES), distribution="erk",
-                      batches=list(batches), rounds=rounds, quick=FLAGS.quick),
+                      batches=list(batches), rounds=rounds, quick=FLAGS.quick,
+                      compiled=FLAGS.compiled),
         rows=rows,
-        wall_seconds=time.time() - start,
     )
+    if FLAGS.compiled and "mlp" in models and FLAGS.fit_pairs:
+        report["fit"] = run_fit(rows, fit_layers, FLAGS.fit_pairs, FLAGS.quick)
+    report["wall_seconds"] = time.time() - start
     benchkit.write_report(FLAGS.out, "sparse_kernels", report, render_markdown(report))
 
 

@@ -128,9 +128,14 @@ def test_sparse_kernels_quick_run_checks_every_layer(tmp_path):
     markdown = (tmp_path / "sparse_kernels.md").read_text()
     _check_header(report, markdown, "sparse_kernels")
     assert len(report["rows"]) == 3 * 2  # 3 kernels x 2 sparsities
+    compiled = {"compiled"} if report["settings"]["compiled"] else set()
     for row in report["rows"]:
         assert 0 < row["density"] <= 1
         for part in ("forward", "training"):
             for timing in row[part].values():
-                assert set(timing) == {"dense", "tf.sparse", "gather"}
+                assert set(timing) == {"dense", "tf.sparse", "gather"} | compiled
     assert "## Where a sparse path beat dense" in markdown
+    if compiled:  # g++ is here: the whole-fit pairs ran, on the 784x300 layer
+        fit = report["fit"]
+        assert fit["layers"] == [0] and len(fit["ratios"]) == fit["pairs"] == 5
+        assert "## Whole fits: dense against the compiled path" in markdown

@@ -1,0 +1,189 @@
+"""A hand-written sparse kernel for the sparse-kernel benchmark (issue 11,
+"Sparse kernels, honestly evaluated"): the path "compiled" of
+`sparse_kernels.py`, and its whole-fit comparison.
+
+`compiled_kernel/ft_spmm.cc` holds four TensorFlow CPU ops for a `Dense`
+layer whose kernel has zeros outside a mask: the mask's index (by row and by
+column), the forward product, the input gradient, and the kernel gradient at
+the active entries only (zero elsewhere, so no mask is applied afterwards).
+They work on batch-transposed copies with the batch as the vectorized
+dimension, and each output element is summed by one thread, so results do not
+depend on the thread count. `load()` compiles the file with the C++ compiler
+(`$CXX`, else `g++`) against the installed TensorFlow's headers, for this
+machine's instruction set (`-march=native`), into a temporary folder, and
+loads it; this takes ~10 s once per process. It is benchmark code, not part
+of the library: the library's layers stay dense (see the README's
+sparse-kernel table for why).
+
+No flags here, so the tests and other scripts may import it.
+"""
+
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import tempfile
+
+SOURCE = pathlib.Path(__file__).resolve().parent / "compiled_kernel" / "ft_spmm.cc"
+_LOADED = {}
+
+
+class BuildError(RuntimeError):
+    """The kernel could not be compiled or loaded on this machine."""
+
+
+def compiler():
+    """The C++ compiler `load` uses ($CXX or g++), or None when absent."""
+    return shutil.which(os.environ.get("CXX", "g++"))
+
+
+def compile_library(out_dir, source=SOURCE):
+    """Compiles `source` into `out_dir`/ft_spmm.so and returns its path. The
+    library is written under a temporary name and renamed when complete, so
+    a failed build leaves nothing behind."""
+    import tensorflow as tf
+
+    cxx = compiler()
+    if cxx is None:
+        raise BuildError(
+            f"No C++ compiler found (CXX={os.environ.get('CXX', 'g++')!r}); "
+            "install g++ or run sparse_kernels.py with --nocompiled."
+        )
+    out_dir = pathlib.Path(out_dir)
+    target = out_dir / "ft_spmm.so"
+    partial = out_dir / "ft_spmm.so.partial"
+    command = [
+        cxx, "-std=c++17", "-shared", "-fPIC", "-O3", "-march=native",
+        "-Wno-deprecated-declarations", str(source), "-o", str(partial),
+        *tf.sysconfig.get_compile_flags(), *tf.sysconfig.get_link_flags(),
+    ]
+    proc = subprocess.run(command, capture_output=True, text=True)
+    if proc.returncode != 0:
+        partial.unlink(missing_ok=True)
+        raise BuildError(
+            f"{cxx} failed (exit {proc.returncode}) on {source}:\n"
+            + proc.stderr[-3000:]
+        )
+    os.replace(partial, target)
+    return target
+
+
+def load():
+    """The compiled ops module (built once per process)."""
+    if "ops" not in _LOADED:
+        import tensorflow as tf
+
+        folder = tempfile.mkdtemp(prefix="ft_spmm_")
+        try:
+            path = compile_library(folder)
+            _LOADED["ops"] = tf.load_op_library(str(path))
+        except Exception:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        _LOADED["folder"] = folder
+    return _LOADED["ops"]
+
+
+def mask_index(mask):
+    """(row_ptr, row_cols, col_ptr, col_rows) of a 2-D boolean mask."""
+    return load().ft_mask_index(mask)
+
+
+def matmul(x, kernel, index):
+    """`x @ kernel` over the entries in `index` (from `mask_index`), with
+    gradients for `x` and for the indexed entries of `kernel` (zero at the
+    others)."""
+    import tensorflow as tf
+
+    ops = load()
+    row_ptr, row_cols, col_ptr, col_rows = index
+
+    @tf.custom_gradient
+    def product(x, kernel):
+        def grad(dy):
+            return (ops.ft_spmm_input_grad(dy, kernel, row_ptr, row_cols),
+                    ops.ft_sddmm(x, dy, row_ptr, row_cols))
+
+        return ops.ft_spmm(x, kernel, col_ptr, col_rows), grad
+
+    return product(x, kernel)
+
+
+def compiled_dense(dense, mask):
+    """A layer computing what the built Keras `Dense` layer `dense` computes
+    with its kernel restricted to the boolean `mask` (numpy, kernel-shaped),
+    through the compiled ops. The mask is fixed, so it is indexed once, when
+    the layer is built (a layer whose mask a sparse optimizer rewires would
+    index it again at each mask update: `index_ms` in the layer table)."""
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    class CompiledDense(keras.layers.Layer):
+        def build(self, input_shape):
+            self.kernel = self.add_weight(
+                shape=dense.kernel.shape, name="kernel",
+                initializer=lambda shape, dtype=None: tf.constant(
+                    np.where(mask, dense.kernel.numpy(), 0).astype(np.float32)),
+            )
+            self.bias = self.add_weight(
+                shape=dense.bias.shape, name="bias",
+                initializer=lambda shape, dtype=None: tf.constant(dense.bias.numpy()),
+            )
+            self.mask = self.add_weight(
+                shape=mask.shape, dtype="bool", trainable=False, name="mask",
+                initializer=lambda shape, dtype=None: tf.constant(mask),
+            )
+            self.index = [t.numpy() for t in mask_index(tf.constant(mask))]
+
+        def call(self, inputs):
+            y = matmul(inputs, self.kernel, self.index) + self.bias
+            return dense.activation(y)
+
+    return CompiledDense(name=f"compiled_{dense.name}")
+
+
+def fit_comparison(x, y, masks, pairs, epochs=1, seed=0, log=None):
+    """Whole `fit`s of FMNIST-MLP v1's model, dense against the same model
+    with the layers in `masks` ({layer index: boolean mask}) on the compiled
+    path, alternating (A B B A ...), each arm `pairs` times; plain SGD
+    (momentum 0.9, lr 0.05), batch 128, the protocol's L2 left out (a
+    kernel regularizer would be a dense op on the compiled kernels too).
+    Returns the seconds of each fit and the median per-pair ratio."""
+    import statistics
+    import time
+
+    import keras
+
+    import protocols
+
+    def make(compiled):
+        model = protocols.build_model("mlp", seed=seed, l2=None)
+        if compiled:
+            layers = [
+                compiled_dense(layer, masks[i]) if i in masks else layer
+                for i, layer in enumerate(model.layers)
+            ]
+            model = keras.Sequential([keras.Input((784,)), *layers])
+        model.compile(
+            optimizer=keras.optimizers.SGD(0.05, momentum=0.9),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            jit_compile=False,
+        )
+        model.fit(x[:1280], y[:1280], batch_size=128, epochs=1, verbose=0)
+        return model
+
+    models = {"dense": make(False), "compiled": make(True)}
+    seconds = {arm: [] for arm in models}
+    for p in range(pairs):
+        for arm in (("dense", "compiled") if p % 2 == 0 else ("compiled", "dense")):
+            start = time.perf_counter()
+            models[arm].fit(x, y, batch_size=128, epochs=epochs, verbose=0)
+            seconds[arm].append(time.perf_counter() - start)
+            if log:
+                print(f"[sparse_kernels] fit pair {p} {arm}: "
+                      f"{seconds[arm][-1]:.2f} s", file=sys.stderr, flush=True)
+    ratios = [c / d for c, d in zip(seconds["compiled"], seconds["dense"])]
+    return dict(seconds=seconds, ratios=ratios, ratio=statistics.median(ratios),
+                layers=sorted(masks), epochs=epochs, pairs=pairs)
