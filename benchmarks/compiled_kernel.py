@@ -10,10 +10,10 @@ They work on batch-transposed copies with the batch as the vectorized
 dimension, and each output element is summed by one thread, so results do not
 depend on the thread count. `load()` compiles the file with the C++ compiler
 (`$CXX`, else `g++`) against the installed TensorFlow's headers, for this
-machine's instruction set (`-march=native`), into a temporary folder, and
-loads it; this takes ~10 s once per process. It is benchmark code, not part
-of the library: the library's layers stay dense (see the README's
-sparse-kernel table for why).
+machine's instruction set (`-march=native`), into a temporary folder, loads
+it and deletes the folder; this takes ~10 s once per process. It is
+benchmark code, not part of the library: the library's layers stay dense
+(see the README's sparse-kernel table for why).
 
 No flags here, so the tests and other scripts may import it.
 """
@@ -75,13 +75,10 @@ def load():
         import tensorflow as tf
 
         folder = tempfile.mkdtemp(prefix="ft_spmm_")
-        try:
-            path = compile_library(folder)
-            _LOADED["ops"] = tf.load_op_library(str(path))
-        except Exception:
+        try:  # once loaded, the library stays mapped: its file can go
+            _LOADED["ops"] = tf.load_op_library(str(compile_library(folder)))
+        finally:
             shutil.rmtree(folder, ignore_errors=True)
-            raise
-        _LOADED["folder"] = folder
     return _LOADED["ops"]
 
 
@@ -130,10 +127,6 @@ def compiled_dense(dense, mask):
             self.bias = self.add_weight(
                 shape=dense.bias.shape, name="bias",
                 initializer=lambda shape, dtype=None: tf.constant(dense.bias.numpy()),
-            )
-            self.mask = self.add_weight(
-                shape=mask.shape, dtype="bool", trainable=False, name="mask",
-                initializer=lambda shape, dtype=None: tf.constant(mask),
             )
             self.index = [t.numpy() for t in mask_index(tf.constant(mask))]
 
