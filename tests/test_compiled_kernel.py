@@ -92,8 +92,12 @@ def test_a_wrong_index_is_refused(ops):
         ops.ft_spmm(x, kernel, col_ptr, col_rows + 6)
     with pytest.raises(tf.errors.InvalidArgumentError, match="wrong shape"):
         ops.ft_spmm(x, kernel, row_ptr, col_rows)  # a row index for columns
-    with pytest.raises(tf.errors.InvalidArgumentError, match="do not multiply"):
+    with pytest.raises(tf.errors.InvalidArgumentError, match="x .* do not multiply"):
         ops.ft_spmm(x[:, :5], kernel, col_ptr, col_rows)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="dy .* do not multiply"):
+        ops.ft_spmm_input_grad(x, kernel, row_ptr, row_cols)  # dy must be [4, 5]
+    with pytest.raises(tf.errors.InvalidArgumentError, match="wrong shape"):
+        ops.ft_spmm_input_grad(x[:, :5], kernel, col_ptr, col_rows)  # columns for rows
     with pytest.raises(tf.errors.InvalidArgumentError, match="must be 2-D"):
         ops.ft_mask_index(tf.constant(mask.ravel()))
 

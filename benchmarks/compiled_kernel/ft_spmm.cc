@@ -203,29 +203,21 @@ class MaskIndexOp : public OpKernel {
   }
 };
 
-class SpmmOp : public OpKernel {
+// FtSpmm (kByColumn: x @ w) and FtSpmmInputGrad (dy @ w^T): inputs (a, w,
+// ptr, idx), where a's columns pair with w's rows (FtSpmm) or columns.
+template <bool kByColumn>
+class ProductOp : public OpKernel {
  public:
   using OpKernel::OpKernel;
   void Compute(OpKernelContext* ctx) override {
-    const Tensor &x = ctx->input(0), &w = ctx->input(1);
-    OP_REQUIRES(ctx, x.dims() == 2 && w.dims() == 2 && x.dim_size(1) == w.dim_size(0),
-                errors::InvalidArgument("x ", x.shape().DebugString(), " and w ",
-                                        w.shape().DebugString(), " do not multiply"));
-    OP_REQUIRES_OK(ctx, CheckIndex(ctx->input(2), ctx->input(3), w.dim_size(1), w.dim_size(0)));
-    Product<true>(ctx, x, w, ctx->input(2), ctx->input(3), w.dim_size(1));
-  }
-};
-
-class SpmmInputGradOp : public OpKernel {
- public:
-  using OpKernel::OpKernel;
-  void Compute(OpKernelContext* ctx) override {
-    const Tensor &dy = ctx->input(0), &w = ctx->input(1);
-    OP_REQUIRES(ctx, dy.dims() == 2 && w.dims() == 2 && dy.dim_size(1) == w.dim_size(1),
-                errors::InvalidArgument("dy ", dy.shape().DebugString(), " and w ",
-                                        w.shape().DebugString(), " do not multiply"));
-    OP_REQUIRES_OK(ctx, CheckIndex(ctx->input(2), ctx->input(3), w.dim_size(0), w.dim_size(1)));
-    Product<false>(ctx, dy, w, ctx->input(2), ctx->input(3), w.dim_size(0));
+    const Tensor &a = ctx->input(0), &w = ctx->input(1);
+    const int paired = kByColumn ? 0 : 1;  // w's dimension that meets a's columns
+    OP_REQUIRES(ctx, a.dims() == 2 && w.dims() == 2 && a.dim_size(1) == w.dim_size(paired),
+                errors::InvalidArgument(kByColumn ? "x " : "dy ", a.shape().DebugString(),
+                                        " and w ", w.shape().DebugString(), " do not multiply"));
+    const int out_units = w.dim_size(1 - paired);
+    OP_REQUIRES_OK(ctx, CheckIndex(ctx->input(2), ctx->input(3), out_units, w.dim_size(paired)));
+    Product<kByColumn>(ctx, a, w, ctx->input(2), ctx->input(3), out_units);
   }
 };
 
@@ -301,7 +293,7 @@ REGISTER_OP("FtSddmm")
     .SetShapeFn([](shape_inference::InferenceContext* c) { return MatrixOut(c, 0, 1, 1, 1); });
 
 REGISTER_KERNEL_BUILDER(Name("FtMaskIndex").Device(DEVICE_CPU), MaskIndexOp);
-REGISTER_KERNEL_BUILDER(Name("FtSpmm").Device(DEVICE_CPU), SpmmOp);
-REGISTER_KERNEL_BUILDER(Name("FtSpmmInputGrad").Device(DEVICE_CPU), SpmmInputGradOp);
+REGISTER_KERNEL_BUILDER(Name("FtSpmm").Device(DEVICE_CPU), ProductOp<true>);
+REGISTER_KERNEL_BUILDER(Name("FtSpmmInputGrad").Device(DEVICE_CPU), ProductOp<false>);
 REGISTER_KERNEL_BUILDER(Name("FtSddmm").Device(DEVICE_CPU), SddmmOp);
 }  // namespace ft
