@@ -230,8 +230,6 @@ class _Product:
         return self._restore(tf.transpose(yt), shape)
 
     def compiled(self, x, kernel=None):
-        import tensorflow as tf
-
         import compiled_kernel
 
         kernel = self.kernel if kernel is None else kernel
