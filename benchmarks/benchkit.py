@@ -85,6 +85,38 @@ def machine_description():
     return f"{os.cpu_count()}-core CPU ({model}){load}"
 
 
+def cpu_times(stat_text):
+    """(steal, total) jiffies of all CPUs from the text of /proc/stat, or
+    None when its first line is not the "cpu" summary. The total is user,
+    nice, system, idle, iowait, irq, softirq and steal (guest time is
+    already counted in user and nice)."""
+    fields = stat_text.split("\n", 1)[0].split()
+    if len(fields) < 9 or fields[0] != "cpu" or not all(
+            f.isascii() and f.isdigit() for f in fields[1:9]):
+        return None
+    values = [int(f) for f in fields[1:9]]
+    return values[7], sum(values)
+
+
+def read_cpu_times():
+    """`cpu_times` of this machine now, or None where /proc/stat is absent."""
+    try:
+        return cpu_times(pathlib.Path("/proc/stat").read_text())
+    except OSError:
+        return None
+
+
+_START_CPU_TIMES = read_cpu_times()  # benchkit is a script's first import
+
+
+def steal_share(start, end):
+    """The share of the CPU time between two `cpu_times` readings that the
+    hypervisor gave to other guests (steal), or None when unknown."""
+    if start is None or end is None or end[1] <= start[1]:
+        return None
+    return (end[0] - start[0]) / (end[1] - start[1])
+
+
 def command_line(script, argv=None):
     """`python benchmarks/<script>.py <arguments>`, as the report records it."""
     argv = sys.argv if argv is None else argv
@@ -147,7 +179,14 @@ def environment_info(script, argv=None, shared=False):
 
 def write_report(out, stem, report, markdown, echo=True):
     """Writes `<out>/<stem>.json` (the report) and `<out>/<stem>.md`, making
-    `out`; prints the markdown when `echo`."""
+    `out`; prints the markdown when `echo`. Both get the CPU steal since the
+    script started, where the machine tells it: on a shared virtual machine
+    it says how much of a run's noise came from other guests."""
+    share = steal_share(_START_CPU_TIMES, read_cpu_times())
+    if share is not None:
+        report = dict(report, cpu_steal_share=share)
+        markdown = (markdown.rstrip("\n") + "\n\n- CPU steal since the script "
+                    f"started (time the hypervisor gave other guests): {share:.1%}.\n")
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
