@@ -1,7 +1,9 @@
 """Smoke test of benchmarks/speed.py: a `--quick` run writes its report.
 
 Checks the structure and types of speed.json and that speed.md holds the
-table, not the (machine-dependent) figures themselves.
+table, not the (machine-dependent) figures themselves. Marked slow like the
+other benchmark smoke runs (tests/test_end_to_end_bench.py): it trains in a
+subprocess for ~30 s, and the default run stays under 20 minutes.
 """
 
 import json
@@ -10,6 +12,8 @@ import os
 import pathlib
 import subprocess
 import sys
+
+import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "speed.py"
@@ -39,6 +43,7 @@ def _check_types(record, expected):
         )
 
 
+@pytest.mark.slow
 def test_quick_run_writes_report(tmp_path):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", KERAS_BACKEND="tensorflow")
     proc = subprocess.run(
