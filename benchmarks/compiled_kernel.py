@@ -30,7 +30,8 @@ _LOADED = {}
 
 
 class BuildError(RuntimeError):
-    """The kernel could not be compiled or loaded on this machine."""
+    """The kernel could not be compiled on this machine (no compiler, or the
+    compiler failed; its message is in the error)."""
 
 
 def compiler():
