@@ -43,34 +43,75 @@ def test_bad_flags_fail_before_tensorflow_loads():
         assert proc.returncode != 0
         assert ("Flag --threads must list 'default' or INTRA:INTER with positive "
                 f"integers, such as 1:2. Received: '{bad}'") in proc.stderr
+    proc = _run("serving_latency.py", "--kernel_modes=sparse_matmul,dense",
+                timeout=60)
+    assert proc.returncode != 0
+    assert ("Flag --kernel_modes must list modes in ['rebuild_variables', "
+            "'sparse_matmul'] (the default, 'rebuild', is always timed). "
+            "Received: 'dense'") in proc.stderr
+    for bad in ("0", "1", "1.5", "-0.2"):
+        proc = _run("serving_latency.py", f"--sparsity={bad}", timeout=60)
+        assert proc.returncode != 0
+        assert ("Flag --sparsity must be in (0, 1). Received: "
+                f"{float(bad)}") in proc.stderr
 
 
-def test_fastest_settings_picks_each_variants_lowest_p50():
-    # In a child: the script defines absl flags (--out, --quick) that other
-    # benchmark modules loaded by this test process define too.
+@pytest.fixture(scope="module")
+def serving_helpers():
+    """What serving_latency's pure helpers return, from a child: the script
+    defines absl flags (--out, --quick) that other benchmark modules loaded
+    by this test process define too."""
     code = textwrap.dedent("""
         import json, sys
         sys.path.insert(0, "benchmarks")
         import serving_latency
+        from keras_freetickets import export
 
-        def timing(dense, per_member, batched):
+        def timing(dense, per_member, batched, sparse_matmul):
             row = lambda p50: dict(p50_ms=p50, p99_ms=2 * p50, requests=1)
             return {"latency": {"1": {
                 "dense member": row(dense), "M = 3 per member": row(per_member),
                 "M = 3 batched": row(batched),
+                "M = 3 per member, sparse_matmul": row(sparse_matmul),
             }}}
 
-        print(json.dumps(serving_latency.fastest_settings({
-            "default": timing(2.0, 3.0, 5.0), "1:2": timing(1.0, 4.0, 2.5),
-        })))
+        mark = serving_latency._mark
+        print(json.dumps(dict(
+            fastest=serving_latency.fastest_settings({
+                "default": timing(2.0, 3.0, 5.0, 1.5),
+                "1:2": timing(1.0, 4.0, 2.5, 6.0),
+            }),
+            kernel_modes=[serving_latency.KERNEL_MODES, export.KERNEL_MODES],
+            marks=[mark("1", "M = 3 per member", 1.5),
+                   mark("1", "M = 3 per member", 1.51),
+                   mark("64", "M = 3 per member", 1.2),
+                   mark("1", "dense member", 1.0),
+                   mark("1", "M = 3 per member", 1.2, sparsity=0.9)],
+        )))
     """)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True,
                           text=True, env=ENV, cwd=REPO, timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    fastest = json.loads(proc.stdout.strip().splitlines()[-1])["1"]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_fastest_settings_picks_each_variants_lowest_p50(serving_helpers):
+    fastest = serving_helpers["fastest"]["1"]
+    assert list(fastest) == ["dense member", "M = 3 per member", "M = 3 batched",
+                             "M = 3 per member, sparse_matmul"]
     assert fastest["dense member"] == dict(threads="1:2", p50_ms=1.0, ratio=1.0)
     assert fastest["M = 3 per member"] == dict(threads="default", p50_ms=3.0, ratio=3.0)
     assert fastest["M = 3 batched"] == dict(threads="1:2", p50_ms=2.5, ratio=2.5)
+    assert fastest["M = 3 per member, sparse_matmul"] == dict(
+        threads="default", p50_ms=1.5, ratio=1.5)
+
+
+def test_serving_target_marked_at_batch_1_and_the_protocols_sparsity_only(
+        serving_helpers):
+    # The flags are checked against a copy of the export's modes.
+    modes, export_modes = serving_helpers["kernel_modes"]
+    assert modes == export_modes
+    assert serving_helpers["marks"] == [" yes", " NO", "", "", ""]
 
 
 @pytest.mark.slow
@@ -96,7 +137,8 @@ def test_end_to_end_quick_run_writes_breakdown(tmp_path):
 @pytest.mark.slow
 def test_serving_latency_quick_run_never_imports_the_library(tmp_path):
     proc = _run("serving_latency.py", "--quick", "--models=mlp",
-                "--threads=default,1:1", f"--out={tmp_path}")
+                "--threads=default,1:1", "--kernel_modes=sparse_matmul",
+                f"--out={tmp_path}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "serving_latency.json").read_text())
     markdown = (tmp_path / "serving_latency.md").read_text()
@@ -106,7 +148,8 @@ def test_serving_latency_quick_run_never_imports_the_library(tmp_path):
     assert "keras_freetickets" not in result["serving_process"]["modules_loaded_at_start"]
     for batch in ("1", "64"):
         rows = result["latency"][batch]
-        assert set(rows) == {"dense member", "M = 3 per member", "M = 3 batched"}
+        assert list(rows) == ["dense member", "M = 3 per member", "M = 3 batched",
+                              "M = 3 per member, sparse_matmul"]
         for row in rows.values():
             assert 0 < row["p50_ms"] <= row["p99_ms"]
     # Each thread setting ran in its own serving process, with its pools.
@@ -117,6 +160,9 @@ def test_serving_latency_quick_run_never_imports_the_library(tmp_path):
     fastest = result["fastest"]["1"]["dense member"]
     assert fastest["threads"] in ("default", "1:1") and fastest["ratio"] == 1.0
     assert "| FMNIST-MLP v1 | 1:1 | 1 | M = 3 per member |" in markdown
+    assert "| FMNIST-MLP v1 | 1:1 | 1 | M = 3 per member, sparse_matmul |" in markdown
+    assert report["settings"]["kernel_modes"] == ["rebuild", "sparse_matmul"]
+    assert report["settings"]["sparsity"] == 0.8
     assert "fastest setting" in markdown
 
 
