@@ -151,9 +151,12 @@ def export_ensemble(ensemble, path, overwrite=False, compact=True, verbose=False
             as graph constants (over 1 GiB), at a per-call cost.
             `"sparse_matmul"`: `Dense` kernels run as
             `tf.sparse.sparse_dense_matmul` on the stored nonzeros (Conv
-            kernels as in `"rebuild"`); slower than dense on every FMNIST
-            layer that `benchmarks/sparse_kernels.py` measured, so only
-            worth measuring for much sparser or larger layers.
+            kernels as in `"rebuild"`). On the FMNIST layers it beat dense
+            only at batch 1 on the large `Dense` layers at S = 0.9
+            (`benchmarks/sparse_kernels.py`), and a whole M = 3 export
+            served no faster than `"rebuild"` there and slower elsewhere
+            (`benchmarks/serving_latency.py --kernel_modes=sparse_matmul`),
+            so it is worth measuring only for much sparser or larger layers.
 
     Returns:
         The absolute path written, as a string.
