@@ -10,7 +10,7 @@ mode in `--kernel_modes`, the per-member ensemble exported with that
 `kernel_mode` (the default, "rebuild", folds the compact kernels back into
 dense ones; "sparse_matmul" runs the `Dense` layers as `tf.sparse` products
 on the stored nonzeros). A child process, which never imports keras_freetickets
-(it checks; importing TensorFlow itself loads keras), loads the three
+(it checks; importing TensorFlow itself loads keras), loads the
 SavedModels with `tf.saved_model.load` and times single requests to the
 `serving_default` signature at batch 1 and batch 64, interleaved (each
 round calls every model `--calls` times, the order alternating between
