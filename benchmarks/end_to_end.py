@@ -421,6 +421,27 @@ def render_markdown(report):
             f"| {_f(e['ordinary_steps'])} | {_f(e['update_steps'])} "
             f"| {_f(e['outside_steps'])} |"
         )
+    lines += [
+        "",
+        "## Fit by fit",
+        "",
+        "The medians above hide how much a fit's own time moves on a shared "
+        "machine: every fit's wall time, median ordinary step and time "
+        "outside the steps. Fit n of each arm belongs to pair n; even pairs "
+        "(0, 2, ...) ran the arms in the order listed, odd pairs reversed.",
+        "",
+        "| model | XLA | arm | pair | wall s | ordinary step median ms | outside steps s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in report["results"]:
+        for arm, runs in r["runs"].items():
+            for pair, run in enumerate(runs):
+                lines.append(
+                    f"| {r['protocol']} | {'yes' if r['jit_compile'] else 'no'} "
+                    f"| {arm} | {pair} | {_f(run['wall_s'])} "
+                    f"| {_f(run['ordinary_median_ms'], 3)} "
+                    f"| {_f(run['outside_steps_s'])} |"
+                )
     lines.append("")
     return "\n".join(lines)
 

@@ -132,6 +132,12 @@ def test_end_to_end_quick_run_writes_breakdown(tmp_path):
     assert result["breakdown"]["dense"]["update_steps"] == 0
     assert result["wall_ratio"] > 0 and result["monitor_share"] >= 0
     assert "| FMNIST-MLP v1 | no | 2 | 1 |" in markdown
+    # Every fit of every arm, with its own figures.
+    for arm in ("dense", "sparse", "monitor"):
+        run = report["results"][0]["runs"][arm][0]
+        assert (f"| FMNIST-MLP v1 | no | {arm} | 0 | {run['wall_s']:.2f} "
+                f"| {run['ordinary_median_ms']:.3f} "
+                f"| {run['outside_steps_s']:.2f} |") in markdown
 
 
 @pytest.mark.slow
