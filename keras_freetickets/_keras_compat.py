@@ -4,15 +4,16 @@ Keras 3 has no public API for a few things this library must do: hook an
 optimizer's per-variable update, find an optimizer's key for a variable, read
 an optimizer's raw learning rate (float or schedule), find the strategy a
 model or optimizer was built under, build a model from one batch as `fit`
-does, build optimizer state outside Keras' attribute tracking, walk a
-functional model's graph (its layers, their kernels, the call context), set
-the epoch `fit` starts from, replace the first-batch build of `fit` under
-a multi-worker strategy (with TensorFlow's private test for one), and tell
-whether a graph is being traced for XLA. Each is one
-function or name here; `tests/test_keras_compat.py` pins them against the
-installed Keras and TensorFlow, and `check_version` warns outside the tested
-range. No other module of the package touches a private attribute of a Keras
-or TensorFlow object.
+does, build optimizer state outside Keras' attribute tracking, find SGD's
+momentum slot of a variable, walk a functional model's graph (its layers,
+their kernels, the call context), set the epoch `fit` starts from, replace
+the first-batch build of `fit` under a multi-worker strategy (with
+TensorFlow's private test for one), and tell whether a graph is being
+traced for XLA. Each is one function or name here;
+`tests/test_keras_compat.py` pins them against the installed Keras and
+TensorFlow, and `check_version` warns outside the tested range. No other
+module of the package touches a private attribute of a Keras or TensorFlow
+object.
 """
 
 import warnings
@@ -103,6 +104,12 @@ def optimizer_own_variables(optimizer):
     """The variables `optimizer` itself created (`iterations`, learning
     rate, slots), without those of an optimizer it wraps."""
     return optimizer._variables
+
+
+def sgd_momentum(sgd, variable):
+    """The momentum slot of `variable` in a built `keras.optimizers.SGD`
+    (Keras's `Optimizer._get_variable_index`)."""
+    return sgd.momentums[sgd._get_variable_index(variable)]
 
 
 def optimizer_trainable_variables(optimizer):

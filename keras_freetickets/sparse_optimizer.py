@@ -97,6 +97,10 @@ class SparseOptimizer(
     ```
     """
 
+    # SGD's update of a masked kernel as one fused op, the same bit for bit
+    # (`_inner.fused_sgd_update`); tests turn it off to compare with Keras's.
+    _fuse_sgd = True
+
     def __init__(
         self,
         inner_optimizer,
@@ -356,7 +360,9 @@ class SparseOptimizer(
                      if gradient.shape.is_fully_defined()
                      else tf.zeros_like(gradient))
             gradient = tf.raw_ops.Select(condition=mask, x=gradient, y=zeros)
-        self._inner_update_step(gradient, variable, learning_rate)
+        if not (self._fuse_sgd and _inner.fused_sgd_update(
+                self.inner_optimizer, gradient, variable, learning_rate)):
+            self._inner_update_step(gradient, variable, learning_rate)
         if self._remask:
             variable.assign(tf.where(mask, variable, tf.zeros_like(variable)))
 

@@ -113,6 +113,17 @@ def test_optimizer_variable_lists_are_where_we_read_them():
     assert len(own) == len(opt.variables)
 
 
+def test_sgd_momentum_slot_is_where_we_read_it():
+    sgd = keras.optimizers.SGD(0.1, momentum=0.9)
+    variables = [keras.Variable([1.0, 2.0]), keras.Variable([[1.0]])]
+    sgd.build(variables)
+    for variable, slot in zip(variables, sgd.momentums):
+        assert compat.sgd_momentum(sgd, variable) is slot
+        # As the update step sees it: the backend variable, not Keras's.
+        assert compat.sgd_momentum(sgd, variable.value) is slot
+    assert "momentum" in sgd.momentums[1].name
+
+
 def test_strategy_internals_are_where_we_read_them():
     import tensorflow as tf
     from tensorflow.python.distribute import collective_all_reduce_strategy
