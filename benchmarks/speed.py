@@ -10,16 +10,22 @@ S = 0.8, ERK, RigL (gradient growth, p = 0.5):
    (`update_interval=1, update_start_step=0`) divided by an ordinary sparse
    step, and its share of training time at `update_interval=100`:
    `(ratio - 1) / 100`.
-3. Memory: `SparseOptimizer.state_bytes()` over the bytes of the model's
+3. The fused SGD update: `SparseOptimizer` applies SGD to the kernels it
+   masks with one TensorFlow op (the same result bit for bit). Two reference
+   variants show what that does to the overhead: plain SGD given the same
+   fused update for every variable, and the sparse wrapper with Keras's own
+   SGD update.
+4. Memory: `SparseOptimizer.state_bytes()` over the bytes of the model's
    weights, and the peak resident set size (`ru_maxrss`) of a short plain and a
    short sparse training run, each in its own subprocess.
 
 Step times do not depend on the values, so the data are random arrays of the
-right shape. The three variants (plain, sparse, sparse with an update on every
-step) are built in one process and timed in interleaved blocks (A B C, C B A,
-...): each block calls the compiled `model.train_function` (the function
-`model.fit` runs, `steps_per_execution=1`) on an iterator over one fixed batch,
-timing every call. Medians are taken over all timed steps. The configuration
+right shape. The variants (plain, sparse, sparse with an update on every
+step, and the two references of point 3) are built in one process and timed
+in interleaved blocks (A B C, C B A, ...): each block calls the compiled
+`model.train_function` (the function `model.fit` runs,
+`steps_per_execution=1`) on an iterator over one fixed batch, timing every
+call. Medians are taken over all timed steps. The configuration
 is repeated with `jit_compile=True` (XLA on CPU) unless `--noxla`.
 
 Usage:
@@ -47,7 +53,7 @@ from absl import flags
 import protocols
 
 MODELS = protocols.PROTOCOL_NAMES
-ARMS = ("dense", "sparse", "update")
+ARMS = ("dense", "sparse", "update", "sparse_keras_sgd", "dense_fused_sgd")
 BATCH_SIZE = 128
 SPARSITY = 0.8
 LEARNING_RATE = 0.05
@@ -115,19 +121,35 @@ def random_batch(name, seed=0):
 
 
 def make_optimizer(variant):
-    """Plain SGD, or the sparse wrapper without / with an update every step."""
+    """Plain SGD, or the sparse wrapper without / with an update every step;
+    and two references for the fused SGD update of the masked kernels: the
+    sparse wrapper with Keras's own SGD update, and plain SGD with every
+    variable's update through the same fused op."""
     import keras
+
+    from keras_freetickets import _inner
+    from keras_freetickets import _keras_compat as compat
 
     sgd = keras.optimizers.SGD(LEARNING_RATE, momentum=MOMENTUM)
     if variant == "dense":
         return sgd
+    if variant == "dense_fused_sgd":
+        def fused_update(gradient, variable, learning_rate):
+            if not _inner.fused_sgd_update(sgd, gradient, variable,
+                                           learning_rate):
+                keras_update(gradient, variable, learning_rate)
+
+        keras_update = compat.hook_update_step(sgd, fused_update)
+        return sgd
     from keras_freetickets.sparse_optimizer import SparseOptimizer
 
-    if variant == "sparse":
-        return SparseOptimizer(
+    if variant in ("sparse", "sparse_keras_sgd"):
+        optimizer = SparseOptimizer(
             sgd, sparsity=SPARSITY, distribution="erk", grow="gradient",
             drop_fraction=0.5, update_interval=100, update_start_step=NEVER,
         )
+        optimizer._fuse_sgd = variant == "sparse"
+        return optimizer
     if variant == "update":
         return SparseOptimizer(
             sgd, sparsity=SPARSITY, distribution="erk", grow="gradient",
@@ -202,7 +224,7 @@ def _quantile(values, q):
 
 
 def time_variants(name, jit_compile, repeats, steps, warmup):
-    """Interleaved timing of the three variants; returns the figures."""
+    """Interleaved timing of the variants; returns the figures."""
     import numpy as np
 
     batch = random_batch(name)
@@ -215,8 +237,9 @@ def time_variants(name, jit_compile, repeats, steps, warmup):
             runners[variant].block(steps)
 
     sparse_opt = runners["sparse"].model.optimizer
-    if sparse_opt.mask_updates.numpy() != 0:
-        raise RuntimeError("The 'sparse' variant ran a mask update.")
+    for variant in ("sparse", "sparse_keras_sgd"):
+        if runners[variant].model.optimizer.mask_updates.numpy() != 0:
+            raise RuntimeError(f"The {variant!r} variant ran a mask update.")
     update_opt = runners["update"].model.optimizer
     if update_opt.mask_updates.numpy() < repeats * steps:
         raise RuntimeError("The 'update' variant skipped mask updates.")
@@ -256,6 +279,9 @@ def time_variants(name, jit_compile, repeats, steps, warmup):
         overhead_ratio=overhead,
         overhead_ratio_paired=paired("sparse", "dense"),
         overhead_met=bool(overhead <= TARGETS["overhead_ratio"]),
+        # The references of the fused SGD update (see make_optimizer).
+        overhead_vs_fused_dense_paired=paired("sparse", "dense_fused_sgd"),
+        keras_sgd_over_fused_paired=paired("sparse_keras_sgd", "sparse"),
         update_ratio=update_ratio,
         update_ratio_paired=paired("update", "sparse"),
         update_share_at_interval_100=share,
@@ -377,17 +403,19 @@ def render_markdown(report):
         f", Keras {report['versions']['keras']}.",
         f"- Command: `{report['command']}` ({report['wall_seconds']:.0f} s).",
         "- Times: medians over all timed steps of interleaved blocks "
-        "(plain / sparse / sparse+update, order alternating); "
+        "(plain / sparse / sparse+update / the two references, order "
+        "alternating); "
         f"steps per block {report['settings']['steps_per_block']}, blocks "
         f"{report['settings']['repeats']}."
         + (" QUICK SMOKE RUN: figures are not meaningful." if
            report["settings"]["quick"] else ""),
         "",
         "| model | XLA | plain ms/step | sparse ms/step | overhead "
-        "(<= 1.05) | update-step ms | update / ordinary | share at "
-        "interval 100 (< 1%) | state / weights (<= 0.5) | peak RSS plain / "
-        "sparse MiB (+ above import) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "(<= 1.05) | sparse / plain, both with the fused SGD update | "
+        "sparse with Keras's SGD update / sparse | update-step ms | update "
+        "/ ordinary | share at interval 100 (< 1%) | state / weights "
+        "(<= 0.5) | peak RSS plain / sparse MiB (+ above import) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["results"]:
         ms = r["step_ms"]
@@ -403,6 +431,8 @@ def render_markdown(report):
             f" | {_fmt(r['overhead_ratio'], 3)} "
             f"(paired {_fmt(r['overhead_ratio_paired'], 3)}) "
             f"{_mark(r['overhead_met'])} "
+            f"| {_fmt(r['overhead_vs_fused_dense_paired'], 3)} "
+            f"| {_fmt(r['keras_sgd_over_fused_paired'], 3)} "
             f"| {_fmt(ms['update']['median'])} "
             f"| {_fmt(r['update_ratio'], 2)}x "
             f"| {100 * r['update_share_at_interval_100']:.2f}% "
@@ -414,7 +444,12 @@ def render_markdown(report):
         "",
         "Overhead = median sparse step (no mask update in the window) / "
         "median plain step; paired = median over rounds of the per-block "
-        "ratio. Update / ordinary = median step with a prune-and-grow update "
+        "ratio. The two reference columns (paired ratios) show what the "
+        "sparse wrapper's fused SGD update of the masked kernels "
+        "(`ResourceApplyKerasMomentum`, the same arithmetic) does: against "
+        "plain SGD given the same fused update for every variable, and "
+        "against the wrapper with Keras's own SGD update (not used under "
+        "XLA, where both references run Keras's update). Update / ordinary = median step with a prune-and-grow update "
         "(update_interval=1) / median sparse step without; share = (ratio - "
         "1) / 100. State = `SparseOptimizer.state_bytes()` (masks, "
         "ever-active records, counters), weights = all model weights. Peak "

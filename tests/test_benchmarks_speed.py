@@ -32,6 +32,8 @@ RESULT_KEYS = {
     "weight_bytes": int, "state_bytes": int,
     "inner_optimizer_state_bytes": int, "state_ratio": float,
     "state_met": bool, "sparse_layers": int, "rss": dict,
+    "overhead_vs_fused_dense_paired": float,
+    "keras_sgd_over_fused_paired": float,
 }
 
 
@@ -69,7 +71,8 @@ def test_quick_run_writes_report(tmp_path):
     _check_types(result, RESULT_KEYS)
     assert result["model"] == "mlp" and result["jit_compile"] is False
     steps = report["settings"]["steps_per_block"]["mlp"]
-    for arm in ("dense", "sparse", "update"):
+    for arm in ("dense", "sparse", "update", "sparse_keras_sgd",
+                "dense_fused_sgd"):
         timing = result["step_ms"][arm]
         assert timing["steps"] == 2 * steps
         for key in ("median", "p25", "p75"):
@@ -82,4 +85,5 @@ def test_quick_run_writes_report(tmp_path):
 
     markdown = (tmp_path / "speed.md").read_text()
     assert "| FMNIST-MLP v1 | no |" in markdown
+    assert "sparse with Keras's SGD update / sparse" in markdown
     assert markdown in proc.stdout
