@@ -108,10 +108,11 @@ def fused_sgd_update(inner, gradient, variable, learning_rate):
     `ResourceApplyKerasMomentum` (or `ResourceApplyGradientDescent` without
     momentum) computes the same expressions in one pass. With no fused
     multiply-add in either, the result is the same bit for bit
-    (tests/test_fused_sgd.py compares fits with Keras's update). On
-    the masked kernels this pays back the gradient select: on FMNIST-MLP v1
-    the sparse ordinary step went from 1.07-1.15x to 1.04-1.10x a dense one
-    (benchmarks/SPEED.md).
+    (tests/test_fused_sgd.py compares fits with Keras's update). On the
+    masked kernels this pays for the gradient select: the FMNIST-MLP v1
+    ordinary step read 1.03-1.08x a dense one in six benchmark runs,
+    against 1.05-1.27x with Keras's update in six runs before
+    (benchmarks/SPEED.md, "The fused SGD update").
 
     Returns False, having done nothing, where Keras's own update must run:
     an optimizer other than SGD itself (a subclass may change the update),
