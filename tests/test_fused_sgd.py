@@ -127,3 +127,19 @@ def test_fused_path_declines_what_it_cannot_do():
     np.testing.assert_allclose(
         np.asarray(compat.sgd_momentum(sgd, variable)),
         np.full((3, 2), -0.05))
+
+
+def test_fused_update_under_mixed_precision(monkeypatch):
+    # Keras wraps the optimizer in a LossScaleOptimizer, whose `apply` runs
+    # the update inside a `cond` on finite gradients; the float32 kernels
+    # still take the fused op, with the same result.
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        keras_sgd = fit_sparse(False, INNERS["momentum"])
+        calls = FusedCalls(monkeypatch)
+        fused = fit_sparse(True, INNERS["momentum"])
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert type(fused.optimizer).__name__ == "LossScaleOptimizer"
+    assert calls.fused > 0
+    assert_same_state(keras_sgd, fused)
