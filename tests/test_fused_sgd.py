@@ -73,7 +73,9 @@ INNERS = {
         momentum=0.9),
     "nesterov": lambda: keras.optimizers.SGD(0.05, momentum=0.8,
                                              nesterov=True),
-    "plain": lambda: keras.optimizers.SGD(0.1),
+    # Weight decay and clipping run in Keras's `apply`, before the update.
+    "plain": lambda: keras.optimizers.SGD(0.1, weight_decay=1e-3,
+                                          clipnorm=1.0),
 }
 
 
