@@ -14,7 +14,8 @@ S = 0.8, ERK, RigL (gradient growth, p = 0.5):
    masks with one TensorFlow op (the same result bit for bit). Two reference
    variants show what that does to the overhead: plain SGD given the same
    fused update for every variable, and the sparse wrapper with Keras's own
-   SGD update.
+   SGD update (`fused_sgd=False`); without XLA only, where the library uses
+   the fused op.
 4. Memory: `SparseOptimizer.state_bytes()` over the bytes of the model's
    weights, and the peak resident set size (`ru_maxrss`) of a short plain and a
    short sparse training run, each in its own subprocess.
@@ -53,7 +54,10 @@ from absl import flags
 import protocols
 
 MODELS = protocols.PROTOCOL_NAMES
-ARMS = ("dense", "sparse", "update", "sparse_keras_sgd", "dense_fused_sgd")
+ARMS = ("dense", "sparse", "update")
+# The fused SGD update's references (see make_optimizer), timed without XLA,
+# where the fused op is not used.
+REFERENCE_ARMS = ("sparse_keras_sgd", "dense_fused_sgd")
 BATCH_SIZE = 128
 SPARSITY = 0.8
 LEARNING_RATE = 0.05
@@ -120,6 +124,34 @@ def random_batch(name, seed=0):
     return x, y
 
 
+def _fused_sgd(learning_rate, momentum):
+    """Plain SGD whose every update is TensorFlow's fused momentum op: the
+    reference for what the fusion alone is worth (`SparseOptimizer` fuses
+    only the kernels it masks). Outside XLA only, as in the library."""
+    import keras
+    import tensorflow as tf
+
+    class FusedSGD(keras.optimizers.SGD):
+        def build(self, variables):
+            super().build(variables)
+            # update_step sees each variable's backend variable.
+            self.slot_index = {id(v.value): i for i, v in enumerate(variables)}
+            self.fused = set()  # indices whose update was traced fused
+
+        def update_step(self, gradient, variable, learning_rate):
+            index = self.slot_index.get(id(variable))
+            if index is None or not isinstance(gradient, tf.Tensor):
+                return super().update_step(gradient, variable, learning_rate)
+            tf.raw_ops.ResourceApplyKerasMomentum(
+                var=variable.handle, accum=self.momentums[index].value.handle,
+                lr=tf.cast(learning_rate, variable.dtype), grad=gradient,
+                momentum=tf.constant(self.momentum, variable.dtype),
+                use_nesterov=False)
+            self.fused.add(index)
+
+    return FusedSGD(learning_rate, momentum=momentum)
+
+
 def make_optimizer(variant):
     """Plain SGD, or the sparse wrapper without / with an update every step;
     and two references for the fused SGD update of the masked kernels: the
@@ -127,29 +159,19 @@ def make_optimizer(variant):
     variable's update through the same fused op."""
     import keras
 
-    from keras_freetickets import _inner
-    from keras_freetickets import _keras_compat as compat
-
+    if variant == "dense_fused_sgd":
+        return _fused_sgd(LEARNING_RATE, MOMENTUM)
     sgd = keras.optimizers.SGD(LEARNING_RATE, momentum=MOMENTUM)
     if variant == "dense":
-        return sgd
-    if variant == "dense_fused_sgd":
-        def fused_update(gradient, variable, learning_rate):
-            if not _inner.fused_sgd_update(sgd, gradient, variable,
-                                           learning_rate):
-                keras_update(gradient, variable, learning_rate)
-
-        keras_update = compat.hook_update_step(sgd, fused_update)
         return sgd
     from keras_freetickets.sparse_optimizer import SparseOptimizer
 
     if variant in ("sparse", "sparse_keras_sgd"):
-        optimizer = SparseOptimizer(
+        return SparseOptimizer(
             sgd, sparsity=SPARSITY, distribution="erk", grow="gradient",
             drop_fraction=0.5, update_interval=100, update_start_step=NEVER,
+            fused_sgd=variant == "sparse",
         )
-        optimizer._fuse_sgd = variant == "sparse"
-        return optimizer
     if variant == "update":
         return SparseOptimizer(
             sgd, sparsity=SPARSITY, distribution="erk", grow="gradient",
@@ -228,17 +250,24 @@ def time_variants(name, jit_compile, repeats, steps, warmup):
     import numpy as np
 
     batch = random_batch(name)
-    runners = {v: _Runner(name, v, jit_compile, batch) for v in ARMS}
+    arms = ARMS if jit_compile else ARMS + REFERENCE_ARMS
+    runners = {v: _Runner(name, v, jit_compile, batch) for v in arms}
     for runner in runners.values():
         runner.warm(warmup)
-    order = list(ARMS)
+    order = list(arms)
     for r in range(repeats):
         for variant in (order if r % 2 == 0 else order[::-1]):
             runners[variant].block(steps)
 
     sparse_opt = runners["sparse"].model.optimizer
+    if "dense_fused_sgd" in runners:
+        fused = runners["dense_fused_sgd"].model.optimizer
+        if len(fused.fused) != len(fused.momentums):
+            raise RuntimeError("The 'dense_fused_sgd' variant left variables "
+                               "on Keras's update.")
     for variant in ("sparse", "sparse_keras_sgd"):
-        if runners[variant].model.optimizer.mask_updates.numpy() != 0:
+        if (variant in runners
+                and runners[variant].model.optimizer.mask_updates.numpy()):
             raise RuntimeError(f"The {variant!r} variant ran a mask update.")
     update_opt = runners["update"].model.optimizer
     if update_opt.mask_updates.numpy() < repeats * steps:
@@ -280,8 +309,10 @@ def time_variants(name, jit_compile, repeats, steps, warmup):
         overhead_ratio_paired=paired("sparse", "dense"),
         overhead_met=bool(overhead <= TARGETS["overhead_ratio"]),
         # The references of the fused SGD update (see make_optimizer).
-        overhead_vs_fused_dense_paired=paired("sparse", "dense_fused_sgd"),
-        keras_sgd_over_fused_paired=paired("sparse_keras_sgd", "sparse"),
+        overhead_vs_fused_dense_paired=(
+            None if jit_compile else paired("sparse", "dense_fused_sgd")),
+        keras_sgd_over_fused_paired=(
+            None if jit_compile else paired("sparse_keras_sgd", "sparse")),
         update_ratio=update_ratio,
         update_ratio_paired=paired("update", "sparse"),
         update_share_at_interval_100=share,
@@ -383,7 +414,7 @@ def measure_rss(name, jit_compile, steps):
 
 # ----------------------------------------------------------------- report
 def _fmt(x, digits=2):
-    return f"{x:.{digits}f}"
+    return "-" if x is None else f"{x:.{digits}f}"
 
 
 def _mark(met):
@@ -448,8 +479,9 @@ def render_markdown(report):
         "sparse wrapper's fused SGD update of the masked kernels "
         "(`ResourceApplyKerasMomentum`, the same arithmetic) does: against "
         "plain SGD given the same fused update for every variable, and "
-        "against the wrapper with Keras's own SGD update (not used under "
-        "XLA, where both references run Keras's update). Update / ordinary = median step with a prune-and-grow update "
+        "against the wrapper with Keras's own SGD update (`fused_sgd=False`)."
+        " They are not timed under XLA, where the library does not use the "
+        "fused op. Update / ordinary = median step with a prune-and-grow update "
         "(update_interval=1) / median sparse step without; share = (ratio - "
         "1) / 100. State = `SparseOptimizer.state_bytes()` (masks, "
         "ever-active records, counters), weights = all model weights. Peak "

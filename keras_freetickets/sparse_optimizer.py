@@ -84,6 +84,9 @@ class SparseOptimizer(
             global exploration removed, and the EDST lever controls, so that
             EDSTCallback changes nothing in the traced step. EDSTCallback
             turns it on by itself when the optimizer is not built yet.
+        fused_sgd: bool. With `keras.optimizers.SGD` inside, apply its update
+            to the masked kernels as one TensorFlow op: the same weights bit
+            for bit, faster outside XLA. False runs Keras's own update.
         name: str. Name of the optimizer.
 
     Example:
@@ -96,10 +99,6 @@ class SparseOptimizer(
     masks = opt.get_masks()
     ```
     """
-
-    # SGD's update of a masked kernel as one fused op, the same bit for bit
-    # (`_inner.fused_sgd_update`); tests turn it off to compare with Keras's.
-    _fuse_sgd = True
 
     def __init__(
         self,
@@ -118,6 +117,7 @@ class SparseOptimizer(
         seed=0,
         schedule=None,
         global_exploration=False,
+        fused_sgd=True,
         name=None,
         **kwargs,
     ):
@@ -153,6 +153,7 @@ class SparseOptimizer(
             check_fraction(f"overrides[{key!r}]", value, allow_zero=True)
         check_int("seed", seed, minimum=0)
         global_exploration = check_bool("global_exploration", global_exploration)
+        fused_sgd = check_bool("fused_sgd", fused_sgd)
 
         super().__init__(learning_rate=0.0, name=name)
         self.inner_optimizer = inner_optimizer
@@ -167,6 +168,7 @@ class SparseOptimizer(
         self.include_embeddings = bool(include_embeddings)
         self.seed = int(seed)
         self.global_exploration = global_exploration
+        self.fused_sgd = fused_sgd
         # Values the control variables start from when the optimizer is
         # built (callbacks may set them before Keras builds it while tracing
         # the first train step).
@@ -360,7 +362,7 @@ class SparseOptimizer(
                      if gradient.shape.is_fully_defined()
                      else tf.zeros_like(gradient))
             gradient = tf.raw_ops.Select(condition=mask, x=gradient, y=zeros)
-        if not (self._fuse_sgd and _inner.fused_sgd_update(
+        if not (self.fused_sgd and _inner.fused_sgd_update(
                 self.inner_optimizer, gradient, variable, learning_rate)):
             self._inner_update_step(gradient, variable, learning_rate)
         if self._remask:
@@ -420,6 +422,7 @@ class SparseOptimizer(
             "include_embeddings": self.include_embeddings,
             "seed": self.seed,
             "global_exploration": self.global_exploration,
+            "fused_sgd": self.fused_sgd,
         }
 
     @classmethod

@@ -32,7 +32,7 @@ RESULT_KEYS = {
     "weight_bytes": int, "state_bytes": int,
     "inner_optimizer_state_bytes": int, "state_ratio": float,
     "state_met": bool, "sparse_layers": int, "rss": dict,
-    "overhead_vs_fused_dense_paired": float,
+    "overhead_vs_fused_dense_paired": float,  # null under XLA
     "keras_sgd_over_fused_paired": float,
 }
 

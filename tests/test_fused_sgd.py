@@ -1,7 +1,8 @@
 """The fused SGD update of masked kernels: the same weights as Keras's SGD.
 
-`SparseOptimizer` applies `keras.optimizers.SGD` to the kernels it masks with
-one TensorFlow op instead of Keras's five (`_inner.fused_sgd_update`). These
+`SparseOptimizer(fused_sgd=True)`, the default, applies `keras.optimizers.SGD`
+to the kernels it masks with one TensorFlow op instead of Keras's five
+(`_inner.fused_sgd_update`). These
 tests train the same sparse model both ways, across mask updates, and compare
 every weight and optimizer variable bit for bit; they check that the fused
 op ran (so the comparison is not Keras against itself) and where it must not.
@@ -29,8 +30,8 @@ def fit_sparse(fuse, inner_fn, jit_compile=False, steps=14, seed=3):
         keras.layers.Dense(4),
     ])
     opt = kft.SparseOptimizer(inner_fn(), sparsity=0.7, update_interval=5,
-                              drop_fraction=0.3, total_steps=14, seed=1)
-    opt._fuse_sgd = fuse
+                              drop_fraction=0.3, total_steps=14, seed=1,
+                              fused_sgd=fuse)
     model.compile(
         optimizer=opt, jit_compile=jit_compile,
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -145,3 +146,13 @@ def test_fused_update_under_mixed_precision(monkeypatch):
     assert type(fused.optimizer).__name__ == "LossScaleOptimizer"
     assert calls.fused > 0
     assert_same_state(keras_sgd, fused)
+
+
+def test_fused_sgd_argument_is_checked_and_kept_in_the_config():
+    with pytest.raises(ValueError, match="fused_sgd.*Received.*'yes'"):
+        kft.SparseOptimizer(keras.optimizers.SGD(0.1), fused_sgd="yes")
+    opt = kft.SparseOptimizer(keras.optimizers.SGD(0.1), fused_sgd=False)
+    assert opt.get_config()["fused_sgd"] is False
+    restored = kft.SparseOptimizer.from_config(opt.get_config())
+    assert restored.fused_sgd is False
+    assert kft.SparseOptimizer(keras.optimizers.SGD(0.1)).fused_sgd is True
