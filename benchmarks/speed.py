@@ -127,7 +127,7 @@ def random_batch(name, seed=0):
 def _fused_sgd(learning_rate, momentum):
     """Plain SGD whose every update is TensorFlow's fused momentum op: the
     reference for what the fusion alone is worth (`SparseOptimizer` fuses
-    only the kernels it masks). Outside XLA only, as in the library."""
+    only the kernels it masks). Timed without XLA only (REFERENCE_ARMS)."""
     import keras
     import tensorflow as tf
 
