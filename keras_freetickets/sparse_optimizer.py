@@ -1,6 +1,5 @@
 """`SparseOptimizer`: dynamic sparse training (RigL / SET) as a Keras 3 optimizer."""
 
-import contextlib
 import keras
 import numpy as np
 import tensorflow as tf
@@ -318,17 +317,7 @@ class SparseOptimizer(
     # ------------------------------------------------------------ train step
     def apply(self, grads, trainable_variables=None):
         if not self.built:
-            # Without a distribution strategy Keras builds the optimizer
-            # while the first train step is traced. Building eagerly instead
-            # keeps the masks' initial values out of the traced graph: the
-            # first fit step of FMNIST-MLP v1 took 1.7 s, now 0.7 s
-            # (benchmarks/end_to_end.py). Under a strategy Keras has built it
-            # before tracing, in the strategy's scope.
-            eager = contextlib.nullcontext()
-            if not tf.distribute.has_strategy():
-                eager = tf.init_scope()
-            with eager, keras.name_scope(self.name, caller=self):
-                self.build(trainable_variables)
+            _inner.build_eagerly(self, trainable_variables)
             self.built = True
         # A local name too: under MirroredStrategy every replica's thread
         # runs this method on the same object.

@@ -532,3 +532,77 @@ def test_queries_before_build_fail_clearly():
     opt = kft.SparseOptimizer(keras.optimizers.SGD(0.1))
     with pytest.raises(ValueError, match="not built"):
         opt.get_masks()
+
+
+def count_traces(model):
+    """Counts the Python calls of `model.train_step`: one per trace."""
+    traces = []
+    train_step = model.train_step
+
+    def counted(batch):
+        traces.append(1)
+        return train_step(batch)
+
+    model.train_step = counted
+    return traces
+
+
+def test_first_fit_traces_the_train_step_once(monkeypatch):
+    """Keras builds the optimizer inside the first trace; the wrapper's
+    variables are made eagerly and unlifted, so `tf.function` keeps that
+    trace instead of tracing the whole step again. With lifting left on
+    (the creator scope made a no-op) the step is traced twice."""
+    from keras_freetickets import _inner
+
+    x, y = data(64)
+    counts = []
+    for lifting in (False, True):
+        if lifting:
+            monkeypatch.setattr(
+                _inner, "_unlifted", lambda next_creator, **kw: next_creator(**kw)
+            )
+        model = mlp()
+        opt = compile_sparse(model, sparsity=0.8, update_interval=2, seed=0)
+        traces = count_traces(model)
+        model.fit(x, y, batch_size=16, epochs=2, verbose=0, shuffle=False)
+        assert int(opt.mask_updates.numpy()) > 0
+        assert opt.check_invariants() == []
+        counts.append(len(traces))
+    assert counts == [1, 2]
+
+
+def test_a_custom_loop_builds_in_its_first_trace_as_if_built_before():
+    """`apply` first called inside a user's `tf.function`: one trace, and the
+    same weights and optimizer state, bit for bit, as an optimizer built
+    eagerly before the loop."""
+    x, y = data(64)
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    runs = []
+    for prebuilt in (False, True):
+        model = mlp()
+        opt = kft.SparseOptimizer(
+            keras.optimizers.SGD(0.05, momentum=0.9), sparsity=0.8,
+            update_interval=2, seed=0,
+        )
+        if prebuilt:
+            opt.build(model.trainable_variables)
+        traces = []
+
+        @tf.function
+        def step(xb, yb):
+            traces.append(1)
+            with tf.GradientTape() as tape:
+                loss = loss_fn(yb, model(xb, training=True))
+            grads = tape.gradient(loss, model.trainable_variables)
+            opt.apply(grads, model.trainable_variables)
+
+        for i in range(4):
+            step(x[16 * i:16 * (i + 1)], y[16 * i:16 * (i + 1)])
+        assert len(traces) == 1
+        assert int(opt.mask_updates.numpy()) > 0
+        assert opt.check_invariants() == []
+        runs.append([v.numpy() for v in model.trainable_variables + opt.variables])
+    lazy, eager = runs
+    assert len(lazy) == len(eager)
+    for a, b in zip(lazy, eager):
+        np.testing.assert_array_equal(a, b)
