@@ -108,13 +108,15 @@ def update_program(opt, layer, variable):
     """The mask update of one layer as a callable
     `(mask, gradient, step, is_global) -> True`.
 
-    Without a distribution strategy Keras builds the optimizer while the
-    first train step is traced, so TensorFlow traces that step twice (with
-    and without variable creation). The update, a few hundred ops a layer,
-    is then traced once into a nested `tf.function` that both traces call:
-    on FMNIST-MLP v1 that took 0.2 s off the first step. Under a strategy
-    Keras builds first and traces once, and each device's update must
-    capture that device's copies, so the update is traced inline.
+    The update, a few hundred ops a layer, is traced once into a nested
+    `tf.function` that every trace of the train step calls. A step is
+    traced twice when its first trace creates variables: a plain Keras
+    optimizer built inside it, or a `LossScaleOptimizer` around this one
+    (`SparseOptimizer` alone builds unlifted and is traced once, see
+    `_inner.build_eagerly`); when the step was always traced twice, this
+    took 0.2 s off FMNIST-MLP v1's first step. Under a strategy each
+    device's update must capture that device's copies, so the update is
+    traced inline.
     """
     update = functools.partial(update_layer, opt, layer, variable)
     if tf.distribute.has_strategy():
