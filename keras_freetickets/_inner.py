@@ -1,5 +1,7 @@
 """Which inner optimizers `SparseOptimizer` can wrap, their slots, its build."""
 
+import contextlib
+
 import keras
 import tensorflow as tf
 
@@ -156,12 +158,11 @@ def build_eagerly(optimizer, variables):
     optimizer in the strategy's scope before tracing, and the variables are
     made where they are asked for.
     """
-    if tf.distribute.has_strategy():
-        with keras.name_scope(optimizer.name, caller=optimizer):
-            optimizer.build(variables)
-        return
-    with tf.init_scope(), tf.variable_creator_scope(_unlifted), \
-            keras.name_scope(optimizer.name, caller=optimizer):
+    outside_trace = contextlib.ExitStack()
+    if not tf.distribute.has_strategy():
+        outside_trace.enter_context(tf.init_scope())
+        outside_trace.enter_context(tf.variable_creator_scope(_unlifted))
+    with outside_trace, keras.name_scope(optimizer.name, caller=optimizer):
         optimizer.build(variables)
 
 
