@@ -153,7 +153,7 @@ def build_eagerly(optimizer, variables):
     graph, and with `tf.function`'s variable lifting turned off: a function
     whose first trace creates variables is traced a second time, so lifting
     would trace the whole train step twice (the first step of an FMNIST-MLP
-    v1 fit took 0.63-0.72 s, and 0.39 s with one trace). Lifting has nothing
+    v1 fit: 0.57-0.72 s traced twice, 0.44-0.54 s once). Lifting has nothing
     to do for a variable made eagerly. Under a strategy Keras has built the
     optimizer in the strategy's scope before tracing, and the variables are
     made where they are asked for.
