@@ -3,7 +3,7 @@
 The public API is what this module exports (`__all__`): the optimizer, the
 callbacks, the ensemble, member I/O, prunable marking, and the modules
 `metrics`, `flops`, `distributions`, `schedules`, `updaters`, `members`,
-`distributed` and `export`. Helpers for the examples and benchmarks live in
+`distributed`, `export` and `native`. Helpers for the examples and benchmarks live in
 `keras_freetickets.contrib` (`datasets`, `plots`). Names that need
 TensorFlow are loaded on first use, so that `import keras_freetickets.metrics`
 (pure numpy) and the example scripts' flag checks stay fast.
@@ -29,7 +29,7 @@ _LAZY = {
 }
 _PUBLIC_MODULES = (
     "distributed", "distributions", "export", "flops", "members", "metrics",
-    "schedules", "updaters",
+    "native", "schedules", "updaters",
 )
 # Importable as attributes too, but not part of the public API.
 _OTHER_MODULES = (

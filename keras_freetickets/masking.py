@@ -8,6 +8,8 @@ is static (`top_k` with a fixed maximum k, then a comparison with
 
 import tensorflow as tf
 
+from keras_freetickets import _keras_compat as compat
+from keras_freetickets import native
 from keras_freetickets import selection
 
 NEG_INF = float("-inf")
@@ -121,19 +123,27 @@ def rewire_masks(weights, mask, grow_score, k, k_max, picks_sorted=True,
         grown = grow_flags(grow_score, kept, k, k_max, picks_sorted, blocked)
         return tf.logical_or(kept, grown), tf.logical_not(kept)
     k = tf.minimum(tf.cast(k, tf.int32), k_max)
-    vacated = selection.select_smallest(
-        tf.where(mask, _magnitude_keys(weights), _INT32_MIN), k,
-        after_minimum=True,
-    )
+    vacated = _select_keyed(weights, mask, k, "magnitude")
     if not nonnegative_score or blocked is not None:
         kept = tf.logical_not(vacated)
         grown = grow_flags(grow_score, kept, k, k_max, True, blocked)
         return tf.logical_or(kept, grown), vacated
-    new = selection.select_smallest(
-        tf.where(vacated, _descending_keys(grow_score), _INT32_MIN), k,
-        after_minimum=True,
-    )
+    new = _select_keyed(grow_score, vacated, k, "descending")
     return new, vacated
+
+
+def _select_keyed(values, eligible, k, kind):
+    """`select_smallest(where(eligible, keys(values), -2**31), k,
+    after_minimum=True)` with `_magnitude_keys` or `_descending_keys`: one
+    compiled op where `keras_freetickets.native` is built (outside XLA),
+    else the key ops and the selection."""
+    if not compat.in_xla_context():
+        flags = native.select_by_keys(values, eligible, k, kind)
+        if flags is not None:
+            return flags
+    keys = _magnitude_keys if kind == "magnitude" else _descending_keys
+    return selection.select_smallest(
+        tf.where(eligible, keys(values), _INT32_MIN), k, after_minimum=True)
 
 
 _INT32_MIN = -2**31

@@ -38,6 +38,7 @@ reproduced).
 import tensorflow as tf
 
 from keras_freetickets import _keras_compat as compat
+from keras_freetickets import native
 from keras_freetickets._validation import check_bool
 from keras_freetickets._validation import check_int
 
@@ -165,8 +166,13 @@ def select_smallest(keys, k, compact=None, after_minimum=False):
     after_minimum = check_bool("after_minimum", after_minimum)
     k = tf.cast(k, tf.int32)
     if compact:
-        # One traced program for every kernel and both selections: the
-        # compacting passes do not need the static length.
+        # The compiled op when built (`keras_freetickets.native`), the same
+        # flags in one op; else one traced program for every kernel and
+        # both selections: the compacting passes do not need the static
+        # length.
+        flags = native.select_smallest(keys, k, tf.constant(after_minimum))
+        if flags is not None:
+            return flags
         return tf.ensure_shape(
             _compact_select(keys, k, tf.constant(after_minimum)), [n]
         )

@@ -114,3 +114,16 @@ else
   echo "$want_stamp" > "$STAMP"
   log "installed keras-freetickets[$EXTRAS] into $VENV"
 fi
+
+# --- 4. the compiled selection op ---------------------------------------------------
+# Faster mask updates on CPU, the same masks (keras_freetickets/native.py).
+# Built once per machine, TensorFlow version and source; without a C++
+# compiler the library uses TensorFlow's ops.
+if built="$(cd / && TF_CPP_MIN_LOG_LEVEL=3 "$VENV/bin/python" -m keras_freetickets.native build 2>/tmp/kft-native-build.$$)"; then
+  log "compiled selection op: ${built#built }"
+  rm -f /tmp/kft-native-build.$$
+else
+  warn "the compiled selection op was not built (mask updates use TensorFlow's ops):"
+  tail -5 /tmp/kft-native-build.$$ >&2 || true
+  rm -f /tmp/kft-native-build.$$
+fi

@@ -22,7 +22,7 @@ def test_top_level_names():
         "register_prunable_name", "register_updater", "UpdateSchedule",
         "BackupAndRestore",
         "distributed", "distributions", "export", "flops", "members",
-        "metrics", "schedules", "updaters",
+        "metrics", "native", "schedules", "updaters",
     }
     for name in kft.__all__:
         assert getattr(kft, name) is not None

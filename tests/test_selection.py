@@ -12,7 +12,7 @@ import pytest
 import tensorflow as tf
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from keras_freetickets import selection
+from keras_freetickets import native, selection
 
 NEG_INF = float("-inf")
 SETTINGS = dict(
@@ -213,15 +213,30 @@ def int32_key_cases(draw):
     return keys, k
 
 
+def selection_paths():
+    """The three ways `select_smallest` computes its flags: the static
+    shapes (XLA's), the compacting TensorFlow ops, and the compiled op of
+    `keras_freetickets.native` when it is built here. Yields each path's
+    name with the function set up to take it."""
+    yield "static", False
+    native.set_enabled(False)
+    try:
+        yield "compacting", True
+    finally:
+        native.set_enabled(None)
+    if native.available():
+        yield "compiled", True
+
+
 @given(int32_key_cases())
 @settings(**SETTINGS)
 def test_select_smallest_matches_a_stable_sort_on_raw_keys(case):
     keys, k = case
     expected = np.zeros(len(keys), bool)
     expected[np.argsort(keys, kind="stable")[:k]] = True
-    for compact in (True, False):
+    for path, compact in selection_paths():
         got = selection.select_smallest(tf.constant(keys), k, compact=compact)
-        np.testing.assert_array_equal(got.numpy(), expected)
+        np.testing.assert_array_equal(got.numpy(), expected, err_msg=path)
 
 
 @given(int32_key_cases(), st.floats(0.0, 1.0))
@@ -236,10 +251,10 @@ def test_after_minimum_flags_the_minimum_then_k_of_the_rest(case, share):
     expected = at_minimum.copy()
     rest = np.flatnonzero(~at_minimum)
     expected[rest[np.argsort(keys[rest], kind="stable")[:k]]] = True
-    for compact in (True, False):
+    for path, compact in selection_paths():
         got = selection.select_smallest(tf.constant(keys), k, compact=compact,
                                         after_minimum=True)
-        np.testing.assert_array_equal(got.numpy(), expected)
+        np.testing.assert_array_equal(got.numpy(), expected, err_msg=path)
 
 
 def test_select_smallest_compacts_outside_xla_and_not_inside():
@@ -253,18 +268,30 @@ def test_select_smallest_compacts_outside_xla_and_not_inside():
             types |= {node.op for node in function.node_def}
         return types
 
-    plain = tf.function(lambda x: selection.select_smallest(x, 7))
+    native.set_enabled(False)
+    try:
+        plain = tf.function(lambda x: selection.select_smallest(x, 7))
+        assert "Where" in op_types(plain)  # the gather of the keys in play
+    finally:
+        native.set_enabled(None)
     xla = tf.function(lambda x: selection.select_smallest(x, 7),
                       jit_compile=True)
-    assert "Where" in op_types(plain)  # the gather of the keys in play
     assert "Where" not in op_types(xla)
+    assert "FtSelectSmallest" not in op_types(xla)
     np.testing.assert_array_equal(plain(keys).numpy(), xla(keys).numpy())
     assert int(tf.reduce_sum(tf.cast(xla(keys), tf.int32))) == 7
     with pytest.raises(ValueError, match="compact.*Received: compact=1"):
         selection.select_smallest(keys, 1, compact=1)
 
 
-def test_selections_outside_xla_share_one_traced_program():
+@pytest.fixture
+def tensorflow_ops_only():
+    native.set_enabled(False)
+    yield
+    native.set_enabled(None)
+
+
+def test_selections_outside_xla_share_one_traced_program(tensorflow_ops_only):
     """Every compacting selection, whatever its length, calls one traced
     function (the first train step traced four copies on FMNIST-MLP v1)."""
     rng = np.random.default_rng(3)

@@ -1,0 +1,204 @@
+"""The compiled selection op: a faster mask update on CPU, the same masks.
+
+A mask update's two exact selections per layer (`selection.select_smallest`)
+take some seventy small TensorFlow ops each, and on a CPU their per-op cost
+is most of an update step. `_native/ft_select.cc` computes the same flags,
+bit for bit, in one op of three passes over the keys. It is compiled once
+per machine, TensorFlow version and source, with the C++ compiler (`$CXX`,
+else `g++`) against the installed TensorFlow's headers:
+
+    python -m keras_freetickets.native build    # scripts/setup.sh runs it
+    python -m keras_freetickets.native status
+
+The library is kept in `$KFT_NATIVE_DIR`, else
+`$XDG_CACHE_HOME/keras_freetickets` (`~/.cache/keras_freetickets`). Once it
+is there, every selection traced outside XLA uses it; nothing is compiled
+while a model trains. `KFT_NATIVE=off` (or `set_enabled(False)`) keeps the
+TensorFlow ops; under XLA and on TPU the static-shape selection is used
+either way. The op has a CPU kernel only; the selections are a train step's
+mask update, never part of an exported model.
+
+Example:
+
+```python
+from keras_freetickets import native
+native.available()  # True once `build` has run on this machine
+```
+"""
+
+import hashlib
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import tempfile
+
+from keras_freetickets._validation import check_bool
+
+__all__ = ["BuildError", "available", "build", "library_path", "set_enabled"]
+
+SOURCE = pathlib.Path(__file__).resolve().parent / "_native" / "ft_select.cc"
+_STATE = {"enabled": None}  # None: the environment decides
+_LOADED = {}
+
+
+class BuildError(RuntimeError):
+    """The op could not be compiled here (no compiler, or it failed; its
+    message is in the error)."""
+
+
+def _compile_flags():
+    import tensorflow as tf
+
+    return [*tf.sysconfig.get_compile_flags(), *tf.sysconfig.get_link_flags()]
+
+
+def library_path(source=SOURCE):
+    """Where `build` puts the compiled op: one file per source, TensorFlow
+    version and compile flags, so a new TensorFlow never loads an old op."""
+    import tensorflow as tf
+
+    digest = hashlib.sha256()
+    digest.update(pathlib.Path(source).read_bytes())
+    digest.update(tf.__version__.encode())
+    digest.update(" ".join(_compile_flags()).encode())
+    folder = os.environ.get("KFT_NATIVE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
+        "keras_freetickets",
+    )
+    return pathlib.Path(folder) / f"ft_select-{digest.hexdigest()[:16]}.so"
+
+
+def build(source=SOURCE, force=False):
+    """Compiles the op into `library_path()` unless it is there already, and
+    returns the path. The file is written under a temporary name in the same
+    folder and renamed when complete: a failed or interrupted build leaves
+    nothing behind, and two builds at once do not see each other's halves.
+    Raises `BuildError` when there is no compiler or it fails."""
+    force = check_bool("force", force)
+    target = library_path(source)
+    if target.exists() and not force:
+        return target
+    cxx = shutil.which(os.environ.get("CXX", "g++"))
+    if cxx is None:
+        raise BuildError(
+            f"No C++ compiler found (CXX={os.environ.get('CXX', 'g++')!r}); "
+            "install g++ to build the compiled selection op. Without it the "
+            "library uses TensorFlow's ops (the same masks, slower)."
+        )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, partial = tempfile.mkstemp(
+        prefix=target.name + ".", suffix=".partial", dir=target.parent)
+    os.close(handle)
+    command = [cxx, "-std=c++17", "-shared", "-fPIC", "-O3",
+               "-Wno-deprecated-declarations", str(source), "-o", partial,
+               *_compile_flags()]
+    try:
+        proc = subprocess.run(command, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise BuildError(
+                f"{cxx} failed (exit {proc.returncode}) on {source}:\n"
+                + proc.stderr[-3000:]
+            )
+        os.replace(partial, target)
+        _LOADED.pop(str(target), None)  # found missing earlier: look again
+    finally:
+        if os.path.exists(partial):
+            os.unlink(partial)
+    return target
+
+
+def set_enabled(enabled):
+    """Whether selections traced from now on use the compiled op when it is
+    built: True or False, or None to follow `KFT_NATIVE` again (on unless it
+    is `off`, `0` or `false`). A function already traced keeps its ops."""
+    _STATE["enabled"] = check_bool("enabled", enabled, allow_none=True)
+
+
+def _enabled():
+    if _STATE["enabled"] is not None:
+        return _STATE["enabled"]
+    value = os.environ.get("KFT_NATIVE", "auto").strip().lower()
+    if value not in ("auto", "on", "1", "true", "off", "0", "false"):
+        raise ValueError(
+            "Environment variable `KFT_NATIVE` must be one of auto, on, off "
+            f"(or 1, 0, true, false). Received: KFT_NATIVE={value!r}"
+        )
+    return value not in ("off", "0", "false")
+
+
+def _ops():
+    """The loaded op module, or None when it is off or not built. A file
+    that does not load (damaged, or built for another machine) is reported
+    once and the TensorFlow ops are used."""
+    if not _enabled():
+        return None
+    path = library_path()
+    if str(path) not in _LOADED:
+        ops = None
+        if path.exists():
+            import tensorflow as tf
+
+            try:
+                ops = tf.load_op_library(str(path))
+            except Exception as error:  # noqa: BLE001: any load failure
+                print(f"keras_freetickets: the compiled selection op at {path} "
+                      f"did not load ({error}); using TensorFlow's ops. Run "
+                      "`python -m keras_freetickets.native build --force`.",
+                      file=sys.stderr)
+        _LOADED[str(path)] = ops
+    return _LOADED[str(path)]
+
+
+def available():
+    """True when selections traced now would use the compiled op."""
+    return _ops() is not None
+
+
+def select_smallest(keys, k, after_minimum):
+    """The compiled `selection.select_smallest`, or None when unavailable:
+    flat int32 `keys`, an int32 scalar `k`, a bool scalar `after_minimum`."""
+    ops = _ops()
+    if ops is None:
+        return None
+    return ops.ft_select_smallest(keys, k, after_minimum)
+
+
+def select_by_keys(values, eligible, k, kind):
+    """The compiled `select_smallest(where(eligible, KEYS(values), -2**31),
+    k, after_minimum=True)` with the keys of `masking` computed inside the
+    op (`kind`: "magnitude" or "descending"), or None when unavailable. The
+    keys read `values` as float32, as `masking`'s do."""
+    ops = _ops()
+    if ops is None:
+        return None
+    import tensorflow as tf
+
+    return ops.ft_select_by_keys(tf.cast(values, tf.float32), eligible, k,
+                                 kind=kind)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in ("build", "status") or (
+            argv[1:] and argv[1:] != ["--force"]):
+        print("usage: python -m keras_freetickets.native build [--force] | status",
+              file=sys.stderr)
+        return 2
+    if argv[0] == "build":
+        try:
+            path = build(force=argv[1:] == ["--force"])
+        except BuildError as error:
+            print(f"keras_freetickets.native: {error}", file=sys.stderr)
+            return 1
+        print(f"built {path}")
+        return 0
+    path = library_path()
+    print(f"library: {path} ({'present' if path.exists() else 'not built'})")
+    print(f"in use: {available()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
