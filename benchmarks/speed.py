@@ -55,9 +55,12 @@ import protocols
 
 MODELS = protocols.PROTOCOL_NAMES
 ARMS = ("dense", "sparse", "update")
-# The fused SGD update's references (see make_optimizer), timed without XLA,
-# where the fused op is not used.
+# References timed without XLA only: the fused SGD update's two (see
+# make_optimizer; XLA does not use the fused op), and the update step with
+# the selections as TensorFlow ops instead of the compiled op (XLA never uses
+# it), present when `keras_freetickets.native` is built.
 REFERENCE_ARMS = ("sparse_keras_sgd", "dense_fused_sgd")
+TF_SELECTION_ARM = "update_tf_selection"
 BATCH_SIZE = 128
 SPARSITY = 0.8
 LEARNING_RATE = 0.05
@@ -172,7 +175,7 @@ def make_optimizer(variant):
             drop_fraction=0.5, update_interval=100, update_start_step=NEVER,
             fused_sgd=variant == "sparse",
         )
-    if variant == "update":
+    if variant in ("update", TF_SELECTION_ARM):
         return SparseOptimizer(
             sgd, sparsity=SPARSITY, distribution="erk", grow="gradient",
             drop_fraction=0.5, update_interval=1, update_start_step=0,
@@ -197,13 +200,19 @@ class _Runner:
 
     def __init__(self, name, variant, jit_compile, batch):
         import tensorflow as tf
+        from keras_freetickets import native
 
         self.variant = variant
         self.model = compiled(name, variant, jit_compile)
         dataset = tf.data.Dataset.from_tensors(batch)
         # Builds the model, the optimizer (and masks) and train_function,
-        # and traces the step for a dataset iterator, as fit does.
-        self.model.fit(dataset, epochs=1, verbose=0)
+        # and traces the step for a dataset iterator, as fit does; the
+        # selection op is chosen when the step is traced.
+        native.set_enabled(False if variant == TF_SELECTION_ARM else None)
+        try:
+            self.model.fit(dataset, epochs=1, verbose=0)
+        finally:
+            native.set_enabled(None)
         self.iterator = iter(dataset.repeat())
         self.function = self.model.train_function
         self.times = []
@@ -249,8 +258,13 @@ def time_variants(name, jit_compile, repeats, steps, warmup):
     """Interleaved timing of the variants; returns the figures."""
     import numpy as np
 
+    from keras_freetickets import native
+
     batch = random_batch(name)
     arms = ARMS if jit_compile else ARMS + REFERENCE_ARMS
+    compiled_selection = native.available() and not jit_compile
+    if compiled_selection:
+        arms += (TF_SELECTION_ARM,)
     runners = {v: _Runner(name, v, jit_compile, batch) for v in arms}
     for runner in runners.values():
         runner.warm(warmup)
@@ -269,12 +283,15 @@ def time_variants(name, jit_compile, repeats, steps, warmup):
         if (variant in runners
                 and runners[variant].model.optimizer.mask_updates.numpy()):
             raise RuntimeError(f"The {variant!r} variant ran a mask update.")
-    update_opt = runners["update"].model.optimizer
-    if update_opt.mask_updates.numpy() < repeats * steps:
-        raise RuntimeError("The 'update' variant skipped mask updates.")
-    problems = update_opt.check_invariants()
-    if problems:
-        raise RuntimeError(f"Mask invariants broken: {problems}")
+    for variant in ("update", TF_SELECTION_ARM):
+        if variant not in runners:
+            continue
+        update_opt = runners[variant].model.optimizer
+        if update_opt.mask_updates.numpy() < repeats * steps:
+            raise RuntimeError(f"The {variant!r} variant skipped mask updates.")
+        problems = update_opt.check_invariants()
+        if problems:
+            raise RuntimeError(f"Mask invariants broken: {problems}")
 
     step_ms = {}
     for variant, runner in runners.items():
@@ -315,6 +332,12 @@ def time_variants(name, jit_compile, repeats, steps, warmup):
             None if jit_compile else paired("sparse_keras_sgd", "sparse")),
         update_ratio=update_ratio,
         update_ratio_paired=paired("update", "sparse"),
+        # Whether the update variant's selections ran the compiled op, and
+        # the update step with TensorFlow's ops over an ordinary step.
+        compiled_selection=compiled_selection,
+        update_ratio_tf_selection=(
+            step_ms[TF_SELECTION_ARM]["median"] / step_ms["sparse"]["median"]
+            if compiled_selection else None),
         update_share_at_interval_100=share,
         update_met=bool(share < TARGETS["update_share_at_interval_100"]),
         weight_bytes=weight_bytes,
@@ -444,9 +467,10 @@ def render_markdown(report):
         "| model | XLA | plain ms/step | sparse ms/step | overhead "
         "(<= 1.05) | sparse / plain, both with the fused SGD update | "
         "sparse with Keras's SGD update / sparse | update-step ms | update "
-        "/ ordinary | share at interval 100 (< 1%) | state / weights "
+        "/ ordinary | share at interval 100 (< 1%) | update / ordinary with "
+        "TensorFlow's selection ops | state / weights "
         "(<= 0.5) | peak RSS plain / sparse MiB (+ above import) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["results"]:
         ms = r["step_ms"]
@@ -468,6 +492,7 @@ def render_markdown(report):
             f"| {_fmt(r['update_ratio'], 2)}x "
             f"| {100 * r['update_share_at_interval_100']:.2f}% "
             f"{_mark(r['update_met'])} "
+            f"| {_fmt(r.get('update_ratio_tf_selection'), 2)} "
             f"| {_fmt(r['state_ratio'], 3)} {_mark(r['state_met'])} "
             f"| {rss_text} |"
         )
@@ -483,7 +508,10 @@ def render_markdown(report):
         " They are not timed under XLA, where the library does not use the "
         "fused op. Update / ordinary = median step with a prune-and-grow update "
         "(update_interval=1) / median sparse step without; share = (ratio - "
-        "1) / 100. State = `SparseOptimizer.state_bytes()` (masks, "
+        "1) / 100. Its selections run the compiled op of "
+        "`keras_freetickets.native` when it is built (not under XLA); the "
+        "column after the share is the same update step traced with "
+        "TensorFlow's selection ops, timed in the same rounds. State = `SparseOptimizer.state_bytes()` (masks, "
         "ever-active records, counters), weights = all model weights. Peak "
         "RSS = `ru_maxrss` of a separate process that imports TensorFlow, "
         "builds the model and runs a short `fit` (in brackets: the peak "
