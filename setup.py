@@ -51,6 +51,9 @@ setup(
     long_description=read_long_description(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["keras_freetickets", "keras_freetickets.*"]),
+    # The compiled selection op's source, built after install by
+    # `python -m keras_freetickets.native build`.
+    package_data={"keras_freetickets": ["_native/*.cc"]},
     python_requires=">=3.9",
     install_requires=["keras>=3.0", "absl-py", "numpy"],
     extras_require=EXTRAS,

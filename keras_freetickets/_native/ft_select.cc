@@ -22,7 +22,6 @@
 // keras_freetickets/native.py.
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
 #include <string>
 #include <vector>
 
@@ -76,60 +75,60 @@ inline uint32_t TopDigit(int32_t key) {
   return (static_cast<uint32_t>(key) ^ 0x80000000u) >> kShift;
 }
 
-inline uint32_t Bits(float value) {
-  uint32_t bits;
-  std::memcpy(&bits, &value, sizeof(bits));
-  return bits;
+// `key` where eligible, else the minimum, without a branch: which entries
+// are eligible (a sparse mask) is as good as random to a branch predictor.
+inline int32_t Eligible(uint8_t eligible, int32_t key) {
+  const uint32_t keep = 0u - static_cast<uint32_t>(eligible);  // all ones or 0
+  return static_cast<int32_t>((static_cast<uint32_t>(key) & keep) |
+                              (static_cast<uint32_t>(kMinimum) & ~keep));
 }
 
 // masking._magnitude_keys: |w|'s bits + 2**23 (wrapping), at least
 // 2**24 - 1 as int32.
-struct MagnitudeKey {
-  const float* values;
-  const bool* eligible;
-  int32_t operator()(int64_t i) const {
-    if (!eligible[i]) return kMinimum;
-    const uint32_t shifted = (Bits(values[i]) & 0x7FFFFFFFu) + (1u << 23);
-    return std::max(static_cast<int32_t>(shifted), (1 << 24) - 1);
-  }
-};
+inline int32_t MagnitudeKey(uint32_t bits) {
+  const uint32_t shifted = (bits & 0x7FFFFFFFu) + (1u << 23);
+  return std::max(static_cast<int32_t>(shifted), (1 << 24) - 1);
+}
 
 // masking._descending_keys: 0x7F7FFFFF - bits (wrapping), at most
 // 0x7F000000 as uint32.
-struct DescendingKey {
-  const float* values;
-  const bool* eligible;
-  int32_t operator()(int64_t i) const {
-    if (!eligible[i]) return kMinimum;
-    const uint32_t flipped = 0x7F7FFFFFu - Bits(values[i]);
-    return static_cast<int32_t>(std::min(flipped, 0x7F000000u));
-  }
-};
+inline int32_t DescendingKey(uint32_t bits) {
+  const uint32_t flipped = 0x7F7FFFFFu - bits;
+  return static_cast<int32_t>(std::min(flipped, 0x7F000000u));
+}
 
-struct GivenKey {
-  const int32_t* keys;
-  int32_t operator()(int64_t i) const { return keys[i]; }
-};
+// The keys of FtSelectByKeys, in one loop the compiler vectorizes: the
+// float bits read as integers, the flags as bytes, no aliasing (as a loop
+// over floats and bools it was not vectorized, and took 5x as long).
+template <int32_t (*KeyOf)(uint32_t)>
+void WriteKeys(const float* values, const bool* eligible, int64_t n,
+               int32_t* keys) {
+  const uint32_t* __restrict bits = reinterpret_cast<const uint32_t*>(values);
+  const uint8_t* __restrict flags = reinterpret_cast<const uint8_t*>(eligible);
+  int32_t* __restrict out = keys;
+  for (int64_t i = 0; i < n; ++i) out[i] = Eligible(flags[i], KeyOf(bits[i]));
+}
 
-template <typename Key>
-void Select(const Key& key, int64_t n, int64_t k, bool after_minimum,
+void Select(const int32_t* keys, int64_t n, int64_t k, bool after_minimum,
             bool* flags) {
   if (n == 0) return;
   // Four histograms, summed after: consecutive keys often share a bucket
   // (the minimum's), and one count's increments would wait on each other.
-  std::vector<int64_t> part(4 * kBuckets, 0);
+  // 32-bit counts (the ops refuse 2**31 keys or more): all four fit in
+  // 32 KiB, a first-level cache.
+  std::vector<uint32_t> part(4 * kBuckets, 0);
   int64_t i = 0;
   for (; i + 4 <= n; i += 4) {
-    ++part[TopDigit(key(i))];
-    ++part[kBuckets + TopDigit(key(i + 1))];
-    ++part[2 * kBuckets + TopDigit(key(i + 2))];
-    ++part[3 * kBuckets + TopDigit(key(i + 3))];
+    ++part[TopDigit(keys[i])];
+    ++part[kBuckets + TopDigit(keys[i + 1])];
+    ++part[2 * kBuckets + TopDigit(keys[i + 2])];
+    ++part[3 * kBuckets + TopDigit(keys[i + 3])];
   }
-  for (; i < n; ++i) ++part[TopDigit(key(i))];
+  for (; i < n; ++i) ++part[TopDigit(keys[i])];
   std::vector<int64_t> counts(kBuckets);
   for (int b = 0; b < kBuckets; ++b) {
-    counts[b] = part[b] + part[kBuckets + b] + part[2 * kBuckets + b] +
-                part[3 * kBuckets + b];
+    counts[b] = int64_t{part[b]} + part[kBuckets + b] +
+                part[2 * kBuckets + b] + part[3 * kBuckets + b];
   }
   if (after_minimum) k += counts[0];
   k = std::min(k, n);
@@ -141,12 +140,15 @@ void Select(const Key& key, int64_t n, int64_t k, bool after_minimum,
   int64_t before = 0;
   uint32_t bucket = 0;
   while (before + counts[bucket] < k) before += counts[bucket++];
-  std::vector<int32_t> in_bucket;
-  in_bucket.reserve(counts[bucket]);
+  // Every key is written and the end moves past the bucket's only (no
+  // branch to mispredict); one spare slot takes the last write.
+  std::vector<int32_t> in_bucket(counts[bucket] + 1);
+  int64_t end = 0;
   for (i = 0; i < n; ++i) {
-    const int32_t value = key(i);
-    if (TopDigit(value) == bucket) in_bucket.push_back(value);
+    in_bucket[end] = keys[i];
+    end += TopDigit(keys[i]) == bucket;
   }
+  in_bucket.resize(end);
   const int64_t rank = k - before;  // 1-based, within the bucket
   std::nth_element(in_bucket.begin(), in_bucket.begin() + (rank - 1),
                    in_bucket.end());
@@ -158,13 +160,12 @@ void Select(const Key& key, int64_t n, int64_t k, bool after_minimum,
   }
   int64_t ties_wanted = k - below;
   if (ties == ties_wanted) {  // the usual case: every tie is taken
-    for (i = 0; i < n; ++i) flags[i] = key(i) <= threshold;
+    for (i = 0; i < n; ++i) flags[i] = keys[i] <= threshold;
     return;
   }
   for (i = 0; i < n; ++i) {
-    const int32_t value = key(i);
-    bool take = value < threshold;
-    if (value == threshold && ties_wanted > 0) {
+    bool take = keys[i] < threshold;
+    if (keys[i] == threshold && ties_wanted > 0) {
       take = true;
       --ties_wanted;
     }
@@ -177,6 +178,9 @@ void CheckInputs(OpKernelContext* ctx, int vector, int like, int scalar) {
   OP_REQUIRES(ctx, TensorShapeUtils::IsVector(v.shape()),
               errors::InvalidArgument("The first input must be a vector; got "
                                       "shape ", v.shape().DebugString()));
+  OP_REQUIRES(ctx, v.NumElements() < (int64_t{1} << 31),
+              errors::InvalidArgument("At most 2**31 - 1 entries; got ",
+                                      v.NumElements()));
   if (like >= 0) {
     OP_REQUIRES(ctx, ctx->input(like).shape() == v.shape(),
                 errors::InvalidArgument(
@@ -201,7 +205,7 @@ class FtSelectSmallestOp : public OpKernel {
     const Tensor& keys = ctx->input(0);
     Tensor* out = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, keys.shape(), &out));
-    Select(GivenKey{keys.flat<int32>().data()}, keys.NumElements(),
+    Select(keys.flat<int32>().data(), keys.NumElements(),
            ctx->input(1).scalar<int32>()(), ctx->input(2).scalar<bool>()(),
            out->flat<bool>().data());
   }
@@ -219,17 +223,21 @@ class FtSelectByKeysOp : public OpKernel {
     CheckInputs(ctx, 0, 1, 2);
     if (!ctx->status().ok()) return;
     const Tensor& values = ctx->input(0);
+    const int64_t n = values.NumElements();
+    Tensor keys;
+    OP_REQUIRES_OK(ctx, ctx->allocate_temp(DT_INT32, values.shape(), &keys));
     Tensor* out = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, values.shape(), &out));
     const float* v = values.flat<float>().data();
     const bool* eligible = ctx->input(1).flat<bool>().data();
-    const int64_t k = ctx->input(2).scalar<int32>()();
-    bool* flags = out->flat<bool>().data();
+    int32_t* key_data = keys.flat<int32>().data();
     if (magnitude_) {
-      Select(MagnitudeKey{v, eligible}, values.NumElements(), k, true, flags);
+      WriteKeys<MagnitudeKey>(v, eligible, n, key_data);
     } else {
-      Select(DescendingKey{v, eligible}, values.NumElements(), k, true, flags);
+      WriteKeys<DescendingKey>(v, eligible, n, key_data);
     }
+    Select(key_data, n, ctx->input(2).scalar<int32>()(), true,
+           out->flat<bool>().data());
   }
 
  private:
