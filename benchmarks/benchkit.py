@@ -187,6 +187,14 @@ def write_report(out, stem, report, markdown, echo=True):
         report = dict(report, cpu_steal_share=share)
         markdown = (markdown.rstrip("\n") + "\n\n- CPU steal since the script "
                     f"started (time the hypervisor gave other guests): {share:.1%}.\n")
+    if "keras_freetickets.native" in sys.modules:
+        # A script that ran mask updates: which selection ops they traced.
+        in_use = sys.modules["keras_freetickets.native"].available()
+        report = dict(report, compiled_selection_op=in_use)
+        markdown = (markdown.rstrip("\n") + "\n- Mask-update selections: "
+                    + ("the compiled op (`keras_freetickets.native`)" if in_use
+                       else "TensorFlow's ops (the compiled op is not built "
+                       "or is off)") + ".\n")
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")

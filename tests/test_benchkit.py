@@ -36,6 +36,8 @@ def test_steal_share_is_the_stolen_part_of_the_elapsed_cpu_time():
 
 
 def test_write_report_adds_the_steal_share(tmp_path, monkeypatch):
+    # A script that never imported the selection op gets no line about it.
+    monkeypatch.delitem(sys.modules, "keras_freetickets.native", raising=False)
     monkeypatch.setattr(benchkit, "_START_CPU_TIMES", (10, 1000))
     monkeypatch.setattr(benchkit, "read_cpu_times", lambda: (40, 1600))
     benchkit.write_report(tmp_path, "x", {"a": 1}, "# X\n", echo=False)
@@ -47,3 +49,22 @@ def test_write_report_adds_the_steal_share(tmp_path, monkeypatch):
     benchkit.write_report(tmp_path, "y", {"a": 1}, "# Y\n", echo=False)
     assert json.loads((tmp_path / "y.json").read_text()) == {"a": 1}
     assert (tmp_path / "y.md").read_text() == "# Y\n"
+
+
+@pytest.mark.parametrize("in_use", [True, False])
+def test_write_report_says_which_selection_ops_ran(tmp_path, monkeypatch,
+                                                   in_use):
+    class Native:  # stands in for keras_freetickets.native (no TensorFlow)
+        @staticmethod
+        def available():
+            return in_use
+
+    monkeypatch.setitem(sys.modules, "keras_freetickets.native", Native)
+    monkeypatch.setattr(benchkit, "read_cpu_times", lambda: None)
+    benchkit.write_report(tmp_path, "z", {"a": 1}, "# Z\n", echo=False)
+    report = json.loads((tmp_path / "z.json").read_text())
+    assert report == {"a": 1, "compiled_selection_op": in_use}
+    text = (tmp_path / "z.md").read_text()
+    assert text.startswith("# Z\n- Mask-update selections: ")
+    assert ("the compiled op (`keras_freetickets.native`)" in text) == in_use
+    assert ("TensorFlow's ops" in text) != in_use
