@@ -12,10 +12,10 @@ else `g++`) against the installed TensorFlow's headers:
 
 The library is kept in `$KFT_NATIVE_DIR`, else
 `$XDG_CACHE_HOME/keras_freetickets` (`~/.cache/keras_freetickets`). Once it
-is there, every selection traced outside XLA uses it; nothing is compiled
-while a model trains. `KFT_NATIVE=off` (or `set_enabled(False)`) keeps the
-TensorFlow ops; under XLA and on TPU the static-shape selection is used
-either way. The op has a CPU kernel only; the selections are a train step's
+is there, every selection traced outside XLA uses it, unless a GPU is
+visible (see `set_enabled`); nothing is compiled while a model trains.
+`KFT_NATIVE=off` (or `set_enabled(False)`) keeps the TensorFlow ops; under
+XLA and on TPU the static-shape selection is used either way. The op has a CPU kernel only; the selections are a train step's
 mask update, never part of an exported model.
 
 Example:
@@ -111,8 +111,13 @@ def build(source=SOURCE, force=False):
 
 def set_enabled(enabled):
     """Whether selections traced from now on use the compiled op when it is
-    built: True or False, or None to follow `KFT_NATIVE` again (on unless it
-    is `off`, `0` or `false`). A function already traced keeps its ops."""
+    built: True or False, or None to follow `KFT_NATIVE` again. A function
+    already traced keeps its ops.
+
+    `KFT_NATIVE` is `auto` (the default: on unless a GPU is visible, where
+    the op, which has a CPU kernel only, would copy each kernel to the host
+    and back; not measured here, so not chosen), `on` (`1`, `true`) or
+    `off` (`0`, `false`)."""
     _STATE["enabled"] = check_bool("enabled", enabled, allow_none=True)
 
 
@@ -125,6 +130,10 @@ def _enabled():
             "Environment variable `KFT_NATIVE` must be one of auto, on, off "
             f"(or 1, 0, true, false). Received: KFT_NATIVE={value!r}"
         )
+    if value == "auto":
+        import tensorflow as tf
+
+        return not tf.config.list_logical_devices("GPU")
     return value not in ("off", "0", "false")
 
 

@@ -172,6 +172,21 @@ def test_bad_inputs_are_refused_with_the_argument_named(built):
         native.set_enabled("yes")
 
 
+def test_auto_leaves_the_op_out_where_a_gpu_is_visible(built, monkeypatch):
+    """The op has a CPU kernel only: with a GPU in sight `auto` keeps
+    TensorFlow's ops, and `on` or `set_enabled(True)` still choose it."""
+    real = tf.config.list_logical_devices
+    monkeypatch.setattr(
+        tf.config, "list_logical_devices",
+        lambda kind=None: ["/GPU:0"] if kind == "GPU" else real(kind))
+    monkeypatch.setenv("KFT_NATIVE", "auto")
+    assert not native.available()
+    monkeypatch.setenv("KFT_NATIVE", "on")
+    assert native.available()
+    monkeypatch.setenv("KFT_NATIVE", "auto")
+    assert with_op(True, native.available)
+
+
 def test_kft_native_off_and_a_bad_value(monkeypatch):
     monkeypatch.setenv("KFT_NATIVE", "off")
     assert not native.available()
