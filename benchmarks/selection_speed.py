@@ -11,6 +11,9 @@ entries inactive after the drop), each returning a bool mask. The reference
 is `top_k(score, k_max)` + `scatter_nd`, twice, as in the optimizer. The two
 are checked to choose the same entries (bit for bit), then timed in
 interleaved rounds; medians per call and the speed-up (reference / new).
+Without XLA, where `keras_freetickets.native` is built, the radix select
+is timed both as TensorFlow ops and as the compiled op (which the default
+path then uses); under XLA the compiled op is never used.
 Weights are N(0, 0.05) rounded to 1e-3 (so that magnitudes tie) and
 gradients |N(0, 1)| rounded to 1e-2.
 
@@ -101,7 +104,7 @@ def measure(path, shape, active, jit, rounds, calls, seed):
     import numpy as np
     import tensorflow as tf
 
-    from keras_freetickets import selection
+    from keras_freetickets import native, selection
 
     rng = np.random.default_rng(seed)
     n = _prod(shape)
@@ -118,9 +121,21 @@ def measure(path, shape, active, jit, rounds, calls, seed):
             lambda w, m, g: new(w, m, g, k_max, radix=True), jit_compile=jit
         ),
     }
+    # Which selection ops each variant is traced with (at its first call):
+    # the default, TensorFlow's, or the compiled op.
+    use_op = {"selection": None, "radix": False}
+    if not jit and native.available():
+        fns["compiled"] = tf.function(
+            lambda w, m, g: new(w, m, g, k_max, radix=True))
+        use_op["compiled"] = True
     expected = fns["top_k"](*args)
-    for name in ("selection", "radix"):
-        for x, y in zip(expected, fns[name](*args)):
+    for name, enabled in use_op.items():
+        native.set_enabled(enabled)
+        try:
+            got = fns[name](*args)
+        finally:
+            native.set_enabled(None)
+        for x, y in zip(expected, got):
             if not np.array_equal(x.numpy(), y.numpy()):
                 raise AssertionError(f"{path}: {name} differs from top_k")
     times = {name: [] for name in fns}
@@ -135,9 +150,12 @@ def measure(path, shape, active, jit, rounds, calls, seed):
     ms = {name: 1e3 * statistics.median(v) for name, v in times.items()}
     return dict(
         layer=path, shape=list(shape), size=n, active=active, k=k_max,
-        path="radix" if n >= selection.RADIX_MIN_SIZE else "top_k (same code)",
+        path=("top_k (same code)" if n < selection.RADIX_MIN_SIZE
+              else "compiled op" if "compiled" in fns else "radix"),
         xla=jit, ms=ms, speedup=ms["top_k"] / ms["selection"],
         radix_speedup=ms["top_k"] / ms["radix"],
+        compiled_speedup=(ms["top_k"] / ms["compiled"] if "compiled" in ms
+                          else None),
     )
 
 
@@ -157,8 +175,9 @@ def render_markdown(report):
         f"{report['settings']['calls']} calls.",
         "",
         "| model | layer | size | active | k | XLA | default path | top_k ms | "
-        "selection ms (default) | speed-up | radix forced ms | speed-up |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "selection ms (default) | speed-up | radix forced, TensorFlow ops ms "
+        "| speed-up | radix forced, compiled op ms | speed-up |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["rows"]:
         lines.append(
@@ -166,9 +185,11 @@ def render_markdown(report):
             f"| {r['size']} | {r['active']} | {r['k']} | {'yes' if r['xla'] else 'no'} "
             f"| {r['path']} | {r['ms']['top_k']:.3f} | {r['ms']['selection']:.3f} "
             f"| {r['speedup']:.2f}x | {r['ms']['radix']:.3f} "
-            f"| {r['radix_speedup']:.2f}x |"
+            f"| {r['radix_speedup']:.2f}x "
+            + (f"| {r['ms']['compiled']:.3f} | {r['compiled_speedup']:.2f}x |"
+               if r.get("compiled_speedup") else "| - | - |")
         )
-    same = [r["speedup"] for r in report["rows"] if r["path"] != "radix"]
+    same = [r["speedup"] for r in report["rows"] if r["path"].startswith("top_k")]
     if same:
         lines += [
             "",

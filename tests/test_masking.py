@@ -8,6 +8,7 @@ import tensorflow as tf
 from hypothesis import given, settings, strategies as st
 
 from keras_freetickets import masking
+from keras_freetickets import native
 from keras_freetickets import selection
 
 SETTINGS = dict(deadline=None, max_examples=25, derandomize=True)
@@ -128,8 +129,15 @@ def test_integer_keys_choose_what_the_top_k_code_chose(
         patch.setattr(selection, "RADIX_MIN_SIZE", 10**9)
         want_new, want_vacated = masking.rewire_masks(*args)
         patch.setattr(selection, "RADIX_MIN_SIZE", 1)
-        got = [masking.rewire_masks(*args, nonnegative)
-               for nonnegative in ((False, True) if not signed else (False,))]
+        got = []
+        # TensorFlow's selection ops, and the compiled op where it is built.
+        for use_op in (False, None):
+            native.set_enabled(use_op)
+            try:
+                got += [masking.rewire_masks(*args, nonnegative) for nonnegative
+                        in ((False, True) if not signed else (False,))]
+            finally:
+                native.set_enabled(None)
     for new, vacated in got:
         np.testing.assert_array_equal(new.numpy(), want_new.numpy())
         np.testing.assert_array_equal(vacated.numpy(), want_vacated.numpy())
