@@ -7,6 +7,9 @@
 #   3. `pip install -e .[$KFT_EXTRAS]` into it (default extras:
 #      cpu,test,datasets,plots), skipped while setup.py and the extras are
 #      unchanged since the last successful install (KFT_FORCE_INSTALL=1 forces it).
+#   4. The compiled selection op (`python -m keras_freetickets.native build`,
+#      g++; into $KFT_NATIVE_DIR or ~/.cache/keras_freetickets), once per
+#      machine, TensorFlow version and source; a warning where it fails.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -119,11 +122,14 @@ fi
 # Faster mask updates on CPU, the same masks (keras_freetickets/native.py).
 # Built once per machine, TensorFlow version and source; without a C++
 # compiler the library uses TensorFlow's ops.
-if built="$(cd / && TF_CPP_MIN_LOG_LEVEL=3 "$VENV/bin/python" -m keras_freetickets.native build 2>/tmp/kft-native-build.$$)"; then
+build_log="$(mktemp)"
+if built="$(cd / && TF_CPP_MIN_LOG_LEVEL=3 "$VENV/bin/python" -m keras_freetickets.native build 2>"$build_log")"; then
   log "compiled selection op: ${built#built }"
-  rm -f /tmp/kft-native-build.$$
+  rm -f "$build_log"
 else
   warn "the compiled selection op was not built (mask updates use TensorFlow's ops):"
-  tail -5 /tmp/kft-native-build.$$ >&2 || true
-  rm -f /tmp/kft-native-build.$$
+  # The op's own message (not TensorFlow's start-up lines), else the tail.
+  grep "keras_freetickets" "$build_log" >&2 \
+    || tail -5 "$build_log" >&2 || true
+  rm -f "$build_log"
 fi
