@@ -21,17 +21,18 @@ No flags here, so the tests and other scripts may import it.
 import os
 import pathlib
 import shutil
-import subprocess
 import sys
 import tempfile
+
+from keras_freetickets import native
 
 SOURCE = pathlib.Path(__file__).resolve().parent / "compiled_kernel" / "ft_spmm.cc"
 _LOADED = {}
 
 
-class BuildError(RuntimeError):
-    """The kernel could not be compiled on this machine (no compiler, or the
-    compiler failed; its message is in the error)."""
+# The build itself is the library's (`keras_freetickets.native`, which
+# compiles its selection op the same way); its error is this module's.
+BuildError = native.BuildError
 
 
 def compiler():
@@ -40,34 +41,11 @@ def compiler():
 
 
 def compile_library(out_dir, source=SOURCE):
-    """Compiles `source` into `out_dir`/ft_spmm.so and returns its path. The
-    library is written under a temporary name and renamed when complete, so
-    a failed build leaves nothing behind."""
-    import tensorflow as tf
-
-    cxx = compiler()
-    if cxx is None:
-        raise BuildError(
-            f"No C++ compiler found (CXX={os.environ.get('CXX', 'g++')!r}); "
-            "install g++ or run sparse_kernels.py with --nocompiled."
-        )
-    out_dir = pathlib.Path(out_dir)
-    target = out_dir / "ft_spmm.so"
-    partial = out_dir / "ft_spmm.so.partial"
-    command = [
-        cxx, "-std=c++17", "-shared", "-fPIC", "-O3", "-march=native",
-        "-Wno-deprecated-declarations", str(source), "-o", str(partial),
-        *tf.sysconfig.get_compile_flags(), *tf.sysconfig.get_link_flags(),
-    ]
-    proc = subprocess.run(command, capture_output=True, text=True)
-    if proc.returncode != 0:
-        partial.unlink(missing_ok=True)
-        raise BuildError(
-            f"{cxx} failed (exit {proc.returncode}) on {source}:\n"
-            + proc.stderr[-3000:]
-        )
-    os.replace(partial, target)
-    return target
+    """Compiles `source` into `out_dir`/ft_spmm.so for this machine's
+    instruction set and returns its path; a failed build leaves nothing
+    behind (`native.compile_library`)."""
+    return native.compile_library(
+        source, pathlib.Path(out_dir) / "ft_spmm.so", ["-march=native"])
 
 
 def load():

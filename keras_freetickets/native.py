@@ -36,7 +36,10 @@ import tempfile
 
 from keras_freetickets._validation import check_bool
 
-__all__ = ["BuildError", "available", "build", "library_path", "set_enabled"]
+__all__ = [
+    "BuildError", "available", "build", "compile_library", "library_path",
+    "set_enabled",
+]
 
 SOURCE = pathlib.Path(__file__).resolve().parent / "_native" / "ft_select.cc"
 _STATE = {"enabled": None}  # None: the environment decides
@@ -72,28 +75,40 @@ def library_path(source=SOURCE):
 
 def build(source=SOURCE, force=False):
     """Compiles the op into `library_path()` unless it is there already, and
-    returns the path. The file is written under a temporary name in the same
-    folder and renamed when complete: a failed or interrupted build leaves
-    nothing behind, and two builds at once do not see each other's halves.
-    Raises `BuildError` when there is no compiler or it fails."""
+    returns the path (see `compile_library`). Raises `BuildError` when there
+    is no compiler or it fails; the library then keeps TensorFlow's ops
+    (the same masks, slower)."""
     force = check_bool("force", force)
     target = library_path(source)
     if target.exists() and not force:
         return target
+    compile_library(source, target)
+    _LOADED.pop(str(target), None)  # found missing earlier: look again
+    return target
+
+
+def compile_library(source, target, extra_flags=()):
+    """Compiles the C++ file `source` into the TensorFlow op library
+    `target` with `$CXX` (else `g++`), `-O3` and the installed TensorFlow's
+    compile and link flags, plus `extra_flags`. The file is written under a
+    temporary name in `target`'s folder and renamed when complete: a failed
+    or interrupted build leaves nothing behind, and two builds at once do
+    not see each other's halves. Raises `BuildError` naming the cause.
+    (`benchmarks/compiled_kernel.py` builds its sparse kernel with it.)"""
     cxx = shutil.which(os.environ.get("CXX", "g++"))
     if cxx is None:
         raise BuildError(
             f"No C++ compiler found (CXX={os.environ.get('CXX', 'g++')!r}); "
-            "install g++ to build the compiled selection op. Without it the "
-            "library uses TensorFlow's ops (the same masks, slower)."
+            "install g++ or point CXX at a C++17 compiler."
         )
+    target = pathlib.Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     handle, partial = tempfile.mkstemp(
         prefix=target.name + ".", suffix=".partial", dir=target.parent)
     os.close(handle)
     command = [cxx, "-std=c++17", "-shared", "-fPIC", "-O3",
-               "-Wno-deprecated-declarations", str(source), "-o", partial,
-               *_compile_flags()]
+               "-Wno-deprecated-declarations", *extra_flags, str(source),
+               "-o", partial, *_compile_flags()]
     try:
         proc = subprocess.run(command, capture_output=True, text=True)
         if proc.returncode != 0:
@@ -102,7 +117,6 @@ def build(source=SOURCE, force=False):
                 + proc.stderr[-3000:]
             )
         os.replace(partial, target)
-        _LOADED.pop(str(target), None)  # found missing earlier: look again
     finally:
         if os.path.exists(partial):
             os.unlink(partial)
