@@ -26,6 +26,7 @@ native.available()  # True once `build` has run on this machine
 ```
 """
 
+import functools
 import hashlib
 import os
 import pathlib
@@ -60,17 +61,24 @@ def _compile_flags():
 def library_path(source=SOURCE):
     """Where `build` puts the compiled op: one file per source, TensorFlow
     version and compile flags, so a new TensorFlow never loads an old op."""
+    folder = os.environ.get("KFT_NATIVE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
+        "keras_freetickets",
+    )
+    return pathlib.Path(folder) / f"ft_select-{_digest(str(source))}.so"
+
+
+@functools.lru_cache(maxsize=None)
+def _digest(source):
+    """The file name's hash, read once per source and process: every
+    selection traced asks for the library's path."""
     import tensorflow as tf
 
     digest = hashlib.sha256()
     digest.update(pathlib.Path(source).read_bytes())
     digest.update(tf.__version__.encode())
     digest.update(" ".join(_compile_flags()).encode())
-    folder = os.environ.get("KFT_NATIVE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
-        "keras_freetickets",
-    )
-    return pathlib.Path(folder) / f"ft_select-{digest.hexdigest()[:16]}.so"
+    return digest.hexdigest()[:16]
 
 
 def build(source=SOURCE, force=False):
