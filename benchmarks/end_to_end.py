@@ -11,13 +11,18 @@ run in pairs (dense, sparse, sparse + monitor; the next pair in the reverse
 order), at least 3 pairs, and the reported figure is the median over pairs of
 the per-pair ratio of wall times.
 
-Each `fit` is also broken down, with no callback added (a callback with batch
-hooks would make Keras synchronise every step): the compiled
-`model.train_function` is wrapped in a timer before `fit` runs, so every step
-is timed, and the step index tells which steps ran a mask update. The report
-gives per arm: the first step (trace, compile and one step), the sum of the
-ordinary steps, the sum of the update steps, and the rest of the fit (setup,
-epoch ends, callbacks). The input pipeline is timed apart: one epoch of the
+Each `fit` is also broken down, with one callback added that has epoch hooks
+only (a callback with batch hooks would make Keras synchronise every step):
+the compiled `model.train_function` is wrapped in a timer before `fit` runs,
+so every step is timed, and the step index tells which steps ran a mask
+update. The report gives per arm: the first step (trace, compile and one
+step), the sum of the ordinary steps, the sum of the update steps, and the
+rest of the fit. Of that rest, the time from each epoch's begin to its first
+step and from `on_train_end` to `fit`'s return is given apart as "iterator
+waits": there Keras drops a `tf.data` iterator, which can block for seconds
+on TensorFlow's autotuning thread (see `_EpochClock`), in either arm; the
+report also gives the ratio with those waits taken out of both arms' wall
+times, beside the protocol's ratio. The input pipeline is timed apart: one epoch of the
 same Keras data adapter, iterated alone (in a fit it runs inside each step,
 partly overlapped by prefetching). The `SparsityMonitor` cost is its own time
 in `on_epoch_end`, and the monitor arm against the sparse arm.
@@ -130,17 +135,50 @@ def build(name, arm, jit_compile, steps_per_epoch, epochs):
 
 
 class _StepTimer:
-    """Wraps `model.train_function`: the duration of every call."""
+    """Wraps `model.train_function`: the start and duration of every call."""
 
     def __init__(self, function):
         self.function = function
+        self.starts = []
         self.times = []
 
     def __call__(self, iterator):
         start = time.perf_counter()
         logs = self.function(iterator)
+        self.starts.append(start)
         self.times.append(time.perf_counter() - start)
         return logs
+
+
+class _EpochClock:
+    """A callback that records when each epoch begins and when training ends.
+
+    It has no batch hooks, so Keras still dispatches batch ends without
+    waiting. Between `on_epoch_begin` and the epoch's first step Keras makes
+    the epoch's data iterator and drops the previous one; after
+    `on_train_end` it returns from `fit`, dropping the last one. Dropping a
+    `tf.data` iterator whose autotuning thread is running waits for that
+    thread's current sleep to end (TensorFlow 2.21: the main thread blocks in
+    `~RootDataset::Iterator`, the `tf_data_model` thread in
+    `Model::OptimizeLoop`), seconds at random in either arm.
+    """
+
+    def __new__(cls):
+        import keras
+
+        class Clock(keras.callbacks.Callback):
+            def __init__(self):
+                super().__init__()
+                self.epoch_begins = []
+                self.train_end = None
+
+            def on_epoch_begin(self, epoch, logs=None):
+                self.epoch_begins.append(time.perf_counter())
+
+            def on_train_end(self, logs=None):
+                self.train_end = time.perf_counter()
+
+        return Clock()
 
 
 class _TimedMonitor:
@@ -183,7 +221,8 @@ def one_fit(name, arm, jit_compile, data, epochs):
     model.make_train_function()
     timer = _StepTimer(model.train_function)
     model.train_function = timer
-    callbacks = []
+    clock = _EpochClock()
+    callbacks = [clock]
     monitor = None
     if arm == "monitor":
         monitor = _TimedMonitor()
@@ -191,7 +230,8 @@ def one_fit(name, arm, jit_compile, data, epochs):
     start = time.perf_counter()
     model.fit(x, y, batch_size=BATCH_SIZE, epochs=epochs, shuffle=True,
               verbose=0, callbacks=callbacks)
-    wall = time.perf_counter() - start
+    end = time.perf_counter()
+    wall = end - start
     if len(timer.times) != total:
         raise RuntimeError(
             f"Expected {total} timed steps, got {len(timer.times)}: fit did "
@@ -211,6 +251,9 @@ def one_fit(name, arm, jit_compile, data, epochs):
     ordinary = [t for i, t in enumerate(timer.times) if i > 0 and i not in updates]
     update = [t for i, t in enumerate(timer.times) if i > 0 and i in updates]
     steps_total = sum(timer.times)
+    epoch_starts = sum(timer.starts[e * steps_per_epoch] - begin
+                       for e, begin in enumerate(clock.epoch_begins))
+    fit_end = end - clock.train_end
     return dict(
         wall_s=wall,
         first_step_s=timer.times[0],
@@ -222,6 +265,11 @@ def one_fit(name, arm, jit_compile, data, epochs):
         update_s=sum(update),
         update_median_ms=1e3 * statistics.median(update) if update else None,
         outside_steps_s=wall - steps_total,
+        epoch_starts_s=epoch_starts,
+        fit_end_s=fit_end,
+        iterator_waits_s=epoch_starts + fit_end,
+        outside_other_s=wall - steps_total - epoch_starts - fit_end,
+        wall_less_waits_s=wall - epoch_starts - fit_end,
         monitor_s=(type(monitor).seconds if monitor is not None else None),
     )
 
@@ -286,6 +334,10 @@ def time_configuration(name, jit_compile, pairs):
         wall_ratio=ratio("sparse", "dense"),
         wall_ratios=[r["wall_s"] / d["wall_s"]
                      for r, d in zip(runs["sparse"], runs["dense"])],
+        wall_ratio_less_waits=ratio("sparse", "dense", "wall_less_waits_s"),
+        wall_ratios_less_waits=[
+            r["wall_less_waits_s"] / d["wall_less_waits_s"]
+            for r, d in zip(runs["sparse"], runs["dense"])],
         ordinary_step_ratio=ratio("sparse", "dense", "ordinary_median_ms"),
         update_over_ordinary=(sparse_update / sparse_ordinary
                               if sparse_update else None),
@@ -306,6 +358,10 @@ def time_configuration(name, jit_compile, pairs):
                       * med("dense", "ordinary_median_ms")),
         outside_steps=(med("sparse", "outside_steps_s")
                        - med("dense", "outside_steps_s")),
+        iterator_waits=(med("sparse", "iterator_waits_s")
+                        - med("dense", "iterator_waits_s")),
+        outside_other=(med("sparse", "outside_other_s")
+                       - med("dense", "outside_other_s")),
     )
     if "monitor" in arms:
         result["monitor_ratio"] = ratio("monitor", "sparse")
@@ -357,10 +413,11 @@ def render_markdown(report):
         "## Wall time of a whole fit, sparse / dense (median over pairs)",
         "",
         "| model | XLA | epochs | pairs | dense s | sparse s | sparse / dense "
-        "(target <= 1.05 without XLA) | per-pair ratios | ordinary step "
+        "(target <= 1.05 without XLA) | per-pair ratios | sparse / dense "
+        "less the tf.data iterator waits (per-pair) | ordinary step "
         "sparse / dense | update step / ordinary (<= 2) | SparsityMonitor "
         "share of a fit (<= 1%) | monitor arm / sparse arm |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["results"]:
         b = r["breakdown"]
@@ -370,6 +427,8 @@ def render_markdown(report):
             f"| {_f(b['dense']['wall_s'])} | {_f(b['sparse']['wall_s'])} "
             f"| {_f(r['wall_ratio'], 3)} {_mark(r['met']['end_to_end'])} "
             f"| {', '.join(f'{x:.3f}' for x in r['wall_ratios'])} "
+            f"| {_f(r['wall_ratio_less_waits'], 3)} ("
+            f"{', '.join(f'{x:.3f}' for x in r['wall_ratios_less_waits'])}) "
             f"| {_f(r['ordinary_step_ratio'], 3)} "
             f"| {_f(r['update_over_ordinary'])}x {_mark(r['met']['update'])} "
             f"| {_f(100 * r['monitor_share'], 3) + '%' if 'monitor_share' in r else '-'}"
@@ -382,14 +441,19 @@ def render_markdown(report):
         "",
         "First step = trace + compile + one step; trace/compile = first step "
         "minus a median ordinary step. Outside steps = fit wall time minus "
-        "the time inside `train_function` (setup, epoch ends, callbacks). "
+        "the time inside `train_function`; of it, iterator waits = the time "
+        "from each `on_epoch_begin` to the epoch's first step plus the time "
+        "from `on_train_end` to `fit`'s return, where Keras drops a "
+        "`tf.data` iterator and TensorFlow waits for its autotuning thread "
+        "(benchmarks/SPEED.md); the rest is setup, epoch ends and callbacks. "
         "Input pipeline = one epoch of fit's data adapter iterated alone "
         "(inside a fit it runs within the steps, partly overlapped).",
         "",
         "| model | XLA | arm | wall | first step | trace/compile | ordinary "
         "steps (n, median ms) | update steps (n, median ms) | outside steps | "
+        "of it: iterator waits | of it: the rest | "
         "SparsityMonitor | input pipeline / epoch |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["results"]:
         for arm, b in r["breakdown"].items():
@@ -401,7 +465,8 @@ def render_markdown(report):
                 f"{_f(b['ordinary_median_ms'], 3)}) "
                 f"| {_f(b['update_s'])} ({b['update_steps']:.0f}, "
                 f"{_f(b['update_median_ms'], 3)}) "
-                f"| {_f(b['outside_steps_s'])} | {_f(b['monitor_s'], 4)} "
+                f"| {_f(b['outside_steps_s'])} | {_f(b['iterator_waits_s'])} "
+                f"| {_f(b['outside_other_s'])} | {_f(b['monitor_s'], 4)} "
                 f"| {_f(r['input_pipeline_epoch_s'])} |"
             )
     lines += [
@@ -410,8 +475,9 @@ def render_markdown(report):
         "medians)",
         "",
         "| model | XLA | excess | trace/compile | ordinary steps | update steps "
-        "(beyond an ordinary step each) | outside steps |",
-        "|---|---|---|---|---|---|---|",
+        "(beyond an ordinary step each) | outside steps | of it: iterator "
+        "waits | of it: the rest |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["results"]:
         e = r["excess_parts_s"]
@@ -419,7 +485,8 @@ def render_markdown(report):
             f"| {r['protocol']} | {'yes' if r['jit_compile'] else 'no'} "
             f"| {_f(r['excess_s'])} | {_f(e['trace_compile'])} "
             f"| {_f(e['ordinary_steps'])} | {_f(e['update_steps'])} "
-            f"| {_f(e['outside_steps'])} |"
+            f"| {_f(e['outside_steps'])} | {_f(e['iterator_waits'])} "
+            f"| {_f(e['outside_other'])} |"
         )
     lines += [
         "",
@@ -430,8 +497,9 @@ def render_markdown(report):
         "outside the steps. Fit n of each arm belongs to pair n; even pairs "
         "(0, 2, ...) ran the arms in the order listed, odd pairs reversed.",
         "",
-        "| model | XLA | arm | pair | wall s | ordinary step median ms | outside steps s |",
-        "|---|---|---|---|---|---|---|",
+        "| model | XLA | arm | pair | wall s | ordinary step median ms "
+        "| outside steps s | of it: iterator waits s |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in report["results"]:
         for arm, runs in r["runs"].items():
@@ -440,7 +508,8 @@ def render_markdown(report):
                     f"| {r['protocol']} | {'yes' if r['jit_compile'] else 'no'} "
                     f"| {arm} | {pair} | {_f(run['wall_s'])} "
                     f"| {_f(run['ordinary_median_ms'], 3)} "
-                    f"| {_f(run['outside_steps_s'])} |"
+                    f"| {_f(run['outside_steps_s'])} "
+                    f"| {_f(run['iterator_waits_s'])} |"
                 )
     lines.append("")
     return "\n".join(lines)

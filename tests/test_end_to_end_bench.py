@@ -132,12 +132,24 @@ def test_end_to_end_quick_run_writes_breakdown(tmp_path):
     assert result["breakdown"]["dense"]["update_steps"] == 0
     assert result["wall_ratio"] > 0 and result["monitor_share"] >= 0
     assert "| FMNIST-MLP v1 | no | 2 | 1 |" in markdown
-    # Every fit of every arm, with its own figures.
+    # Every fit of every arm, with its own figures; the iterator waits are a
+    # part of the time outside the steps, and the ratio without them is the
+    # median of the pairs' ratios of the wall times less the waits.
     for arm in ("dense", "sparse", "monitor"):
         run = report["results"][0]["runs"][arm][0]
         assert (f"| FMNIST-MLP v1 | no | {arm} | 0 | {run['wall_s']:.2f} "
                 f"| {run['ordinary_median_ms']:.3f} "
-                f"| {run['outside_steps_s']:.2f} |") in markdown
+                f"| {run['outside_steps_s']:.2f} "
+                f"| {run['iterator_waits_s']:.2f} |") in markdown
+        assert 0 <= run["iterator_waits_s"] <= run["outside_steps_s"]
+        assert run["iterator_waits_s"] == pytest.approx(
+            run["epoch_starts_s"] + run["fit_end_s"])
+        assert run["outside_other_s"] == pytest.approx(
+            run["outside_steps_s"] - run["iterator_waits_s"])
+    sparse_run, dense_run = (result["runs"][arm][0] for arm in ("sparse", "dense"))
+    assert result["wall_ratio_less_waits"] == pytest.approx(
+        (sparse_run["wall_s"] - sparse_run["iterator_waits_s"])
+        / (dense_run["wall_s"] - dense_run["iterator_waits_s"]))
 
 
 @pytest.mark.slow
