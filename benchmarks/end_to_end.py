@@ -22,10 +22,10 @@ step and from `on_train_end` to `fit`'s return is given apart as "iterator
 waits": there Keras drops a `tf.data` iterator, which can block for seconds
 on TensorFlow's autotuning thread (see `_EpochClock`), in either arm; the
 report also gives the ratio with those waits taken out of both arms' wall
-times, beside the protocol's ratio. The input pipeline is timed apart: one epoch of the
-same Keras data adapter, iterated alone (in a fit it runs inside each step,
-partly overlapped by prefetching). The `SparsityMonitor` cost is its own time
-in `on_epoch_end`, and the monitor arm against the sparse arm.
+times, beside the protocol's ratio. The input pipeline is timed apart: one
+epoch of the same Keras data adapter, iterated alone (in a fit it runs inside
+each step, partly overlapped by prefetching). The `SparsityMonitor` cost is
+its own time in `on_epoch_end`, and the monitor arm against the sparse arm.
 
 No validation data are used: the fit is the training alone. The models are
 the protocols' (with L2 5e-4 on every kernel, logits out), the learning rate
@@ -156,11 +156,11 @@ class _EpochClock:
     It has no batch hooks, so Keras still dispatches batch ends without
     waiting. Between `on_epoch_begin` and the epoch's first step Keras makes
     the epoch's data iterator and drops the previous one; after
-    `on_train_end` it returns from `fit`, dropping the last one. Dropping a
-    `tf.data` iterator whose autotuning thread is running waits for that
-    thread's current sleep to end (TensorFlow 2.21: the main thread blocks in
-    `~RootDataset::Iterator`, the `tf_data_model` thread in
-    `Model::OptimizeLoop`), seconds at random in either arm.
+    `on_train_end` it returns from `fit`, dropping the last one. There
+    TensorFlow 2.21 was seen to wait for seconds, at random in either arm:
+    the main thread blocked in `~RootDataset::Iterator` while the iterator's
+    autotuning thread (`tf_data_model`) slept in `Model::OptimizeLoop`
+    (benchmarks/SPEED.md).
     """
 
     def __new__(cls):
@@ -313,10 +313,11 @@ def time_configuration(name, jit_compile, pairs):
             print(f"[end_to_end] {MODELS[name]} xla={jit_compile} pair {p} "
                   f"{arm}: {record['wall_s']:.2f} s", flush=True)
 
+    def pair_ratios(a, b, key="wall_s"):
+        return [ra[key] / rb[key] for ra, rb in zip(runs[a], runs[b])]
+
     def ratio(a, b, key="wall_s"):
-        return statistics.median(
-            [ra[key] / rb[key] for ra, rb in zip(runs[a], runs[b])]
-        )
+        return statistics.median(pair_ratios(a, b, key))
 
     def med(arm, key):
         values = [r[key] for r in runs[arm] if r[key] is not None]
@@ -332,12 +333,10 @@ def time_configuration(name, jit_compile, pairs):
         epochs=epochs, examples=len(data[0]), pairs=pairs,
         steps_per_epoch=-(-len(data[0]) // BATCH_SIZE),
         wall_ratio=ratio("sparse", "dense"),
-        wall_ratios=[r["wall_s"] / d["wall_s"]
-                     for r, d in zip(runs["sparse"], runs["dense"])],
+        wall_ratios=pair_ratios("sparse", "dense"),
         wall_ratio_less_waits=ratio("sparse", "dense", "wall_less_waits_s"),
-        wall_ratios_less_waits=[
-            r["wall_less_waits_s"] / d["wall_less_waits_s"]
-            for r, d in zip(runs["sparse"], runs["dense"])],
+        wall_ratios_less_waits=pair_ratios("sparse", "dense",
+                                           "wall_less_waits_s"),
         ordinary_step_ratio=ratio("sparse", "dense", "ordinary_median_ms"),
         update_over_ordinary=(sparse_update / sparse_ordinary
                               if sparse_update else None),
