@@ -10,7 +10,7 @@ They work on batch-transposed copies with the batch as the vectorized
 dimension, and each output element is summed by one thread, so results do not
 depend on the thread count. `load()` compiles the file with the C++ compiler
 (`$CXX`, else `g++`) against the installed TensorFlow's headers, for this
-machine's instruction set (`-march=native`), into a temporary folder, loads
+machine's instruction set (`native.machine_flags()`), into a temporary folder, loads
 it and deletes the folder; this takes ~10 s once per process. It is
 benchmark code, not part of the library: the library's layers stay dense
 (see the README's sparse-kernel table for why).
@@ -45,7 +45,7 @@ def compile_library(out_dir, source=SOURCE):
     instruction set and returns its path; a failed build leaves nothing
     behind (`native.compile_library`)."""
     return native.compile_library(
-        source, pathlib.Path(out_dir) / "ft_spmm.so", ["-march=native"])
+        source, pathlib.Path(out_dir) / "ft_spmm.so", native.machine_flags())
 
 
 def load():

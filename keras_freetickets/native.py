@@ -1,4 +1,5 @@
-"""The compiled selection op: a faster mask update on CPU, the same masks.
+"""Compiled CPU ops: the selection op (faster mask updates, the same masks)
+and a sparse convolution for ensemble inference.
 
 A mask update's two exact selections per layer (`selection.select_smallest`)
 take some seventy small TensorFlow ops each, and on a CPU their per-op cost
@@ -17,6 +18,14 @@ visible (see `set_enabled`); nothing is compiled while a model trains.
 `KFT_NATIVE=off` (or `set_enabled(False)`) keeps the TensorFlow ops; under
 XLA and on TPU the static-shape selection is used either way. The op has a CPU kernel only; the selections are a train step's
 mask update, never part of an exported model.
+
+`_native/ft_sparse_conv.cc` is a second library, built beside the first
+by the same `build` command but for the build machine's instruction set
+(`-march=native`; its file name includes the CPU's feature flags): a
+convolution that reads only a kernel's nonzeros, with the ReLU and a 2x2
+max pooling fused in (`sparse_conv2d`). `FreeTicketsEnsemble(...,
+conv_kernels=...)` runs its members' eligible `Conv2D` layers through it
+at inference.
 
 Example:
 
@@ -38,11 +47,13 @@ import tempfile
 from keras_freetickets._validation import check_bool
 
 __all__ = [
-    "BuildError", "available", "build", "compile_library", "library_path",
-    "set_enabled",
+    "BuildError", "available", "build", "build_all", "compile_library",
+    "conv_available", "library_path", "machine_flags", "set_enabled",
+    "sparse_conv2d",
 ]
 
 SOURCE = pathlib.Path(__file__).resolve().parent / "_native" / "ft_select.cc"
+CONV_SOURCE = SOURCE.with_name("ft_sparse_conv.cc")
 _STATE = {"enabled": None}  # None: the environment decides
 _LOADED = {}
 
@@ -59,13 +70,58 @@ def _compile_flags():
 
 
 def library_path(source=SOURCE):
-    """Where `build` puts the compiled op: one file per source, TensorFlow
-    version and compile flags, so a new TensorFlow never loads an old op."""
+    """Where `build` puts a compiled library: one file per source,
+    TensorFlow version and compile flags (and, for a library built for this
+    machine's instruction set, its CPU features), so a new TensorFlow or
+    another CPU never loads an old one."""
     folder = os.environ.get("KFT_NATIVE_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
         "keras_freetickets",
     )
-    return pathlib.Path(folder) / f"ft_select-{_digest(str(source))}.so"
+    stem = pathlib.Path(source).stem
+    return pathlib.Path(folder) / f"{stem}-{_digest(str(source))}.so"
+
+
+def _extra_flags(source):
+    """The flags a source is built with beyond `compile_library`'s."""
+    if pathlib.Path(source).resolve() == CONV_SOURCE:
+        return machine_flags()
+    return []
+
+
+def machine_flags():
+    """Flags for this machine's instruction set: `-march=native`, less
+    AVX512-FP16 where the compiler knows it (TensorFlow's bundled Eigen does
+    not compile with GCC's AVX512-FP16 types). An empty list without a
+    compiler."""
+    cxx = shutil.which(os.environ.get("CXX", "g++"))
+    return [] if cxx is None else list(_machine_flags(cxx))
+
+
+@functools.lru_cache(maxsize=None)
+def _machine_flags(cxx):
+    flags = ["-march=native"]
+    probe = subprocess.run(
+        [cxx, "-march=native", "-mno-avx512fp16", "-x", "c++", "-E", "-",
+         "-o", os.devnull],
+        input="", capture_output=True, text=True)
+    if probe.returncode == 0:
+        flags.append("-mno-avx512fp16")
+    return tuple(flags)
+
+
+def _cpu_features():
+    """The CPU's feature flags (Linux), else the processor's name."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            for line in info:
+                if line.startswith("flags"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
 
 
 @functools.lru_cache(maxsize=None)
@@ -78,6 +134,10 @@ def _digest(source):
     digest.update(pathlib.Path(source).read_bytes())
     digest.update(tf.__version__.encode())
     digest.update(" ".join(_compile_flags()).encode())
+    extra = _extra_flags(source)
+    if extra:
+        digest.update(" ".join(extra).encode())
+        digest.update(_cpu_features().encode())
     return digest.hexdigest()[:16]
 
 
@@ -90,9 +150,21 @@ def build(source=SOURCE, force=False):
     target = library_path(source)
     if target.exists() and not force:
         return target
-    compile_library(source, target)
+    compile_library(source, target, _extra_flags(source))
     _LOADED.pop(str(target), None)  # found missing earlier: look again
     return target
+
+
+def build_all(force=False):
+    """Builds the selection op and the sparse convolution (see `build`);
+    returns {source file name: path or the `BuildError`}."""
+    results = {}
+    for source in (SOURCE, CONV_SOURCE):
+        try:
+            results[source.name] = build(source, force=force)
+        except BuildError as error:
+            results[source.name] = error
+    return results
 
 
 def compile_library(source, target, extra_flags=()):
@@ -159,13 +231,13 @@ def _enabled():
     return value not in ("off", "0", "false")
 
 
-def _ops():
-    """The loaded op module, or None when it is off or not built. A file
-    that does not load (damaged, or built for another machine) is reported
-    once and the TensorFlow ops are used."""
+def _ops(source=SOURCE):
+    """The loaded op module of `source`, or None when it is off or not
+    built. A file that does not load (damaged, or built for another
+    machine) is reported once and the TensorFlow ops are used."""
     if not _enabled():
         return None
-    path = library_path()
+    path = library_path(source)
     if str(path) not in _LOADED:
         ops = None
         if path.exists():
@@ -174,7 +246,9 @@ def _ops():
             try:
                 ops = tf.load_op_library(str(path))
             except Exception as error:  # noqa: BLE001: any load failure
-                print(f"keras_freetickets: the compiled selection op at {path} "
+                what = ("sparse convolution" if source == CONV_SOURCE
+                        else "selection op")
+                print(f"keras_freetickets: the compiled {what} at {path} "
                       f"did not load ({error}); using TensorFlow's ops. Run "
                       "`python -m keras_freetickets.native build --force`.",
                       file=sys.stderr)
@@ -210,6 +284,30 @@ def select_by_keys(values, eligible, k, kind):
                                  kind=kind)
 
 
+def conv_available():
+    """True when the compiled sparse convolution is built, loads and is
+    enabled (`set_enabled`, `KFT_NATIVE`), so `sparse_conv2d` would run."""
+    return _ops(CONV_SOURCE) is not None
+
+
+def sparse_conv2d(inputs, kernel, bias, padding="SAME", relu=False, pool=1):
+    """`maxpool(act(conv2d(inputs, kernel) + bias))` reading only the
+    kernel's nonzeros, or None when the compiled convolution is unavailable.
+
+    NHWC float32 `inputs` `[N, H, W, C]`, `kernel` `[KH, KW, C, O]`, `bias`
+    `[O]`; strides 1, no dilation; `padding` "SAME" or "VALID" as in
+    `tf.nn.conv2d`; `relu` applies a ReLU; `pool` 2 applies a 2x2 max
+    pooling with stride 2 ("VALID"), 1 none. The sums run in another order
+    than TensorFlow's convolution, so results agree within float rounding.
+    A CPU kernel only, and not for XLA (`FreeTicketsEnsemble` checks both).
+    """
+    ops = _ops(CONV_SOURCE)
+    if ops is None:
+        return None
+    return ops.ft_sparse_conv2d(inputs, kernel, bias, padding=padding,
+                                relu=relu, pool=pool)
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in ("build", "status") or (
@@ -218,16 +316,18 @@ def main(argv=None):
               file=sys.stderr)
         return 2
     if argv[0] == "build":
-        try:
-            path = build(force=argv[1:] == ["--force"])
-        except BuildError as error:
-            print(f"keras_freetickets.native: {error}", file=sys.stderr)
-            return 1
-        print(f"built {path}")
-        return 0
-    path = library_path()
-    print(f"library: {path} ({'present' if path.exists() else 'not built'})")
-    print(f"in use: {available()}")
+        results = build_all(force=argv[1:] == ["--force"])
+        for name, result in results.items():
+            if isinstance(result, BuildError):
+                print(f"keras_freetickets.native: {result}", file=sys.stderr)
+            else:
+                print(f"built {result}")
+        # The selection op decides: the convolution is for inference only.
+        return 1 if isinstance(results[SOURCE.name], BuildError) else 0
+    for source, used in ((SOURCE, available), (CONV_SOURCE, conv_available)):
+        path = library_path(source)
+        print(f"library: {path} ({'present' if path.exists() else 'not built'})")
+        print(f"in use: {used()}")
     return 0
 
 

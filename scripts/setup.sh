@@ -7,7 +7,7 @@
 #   3. `pip install -e .[$KFT_EXTRAS]` into it (default extras:
 #      cpu,test,datasets,plots), skipped while setup.py and the extras are
 #      unchanged since the last successful install (KFT_FORCE_INSTALL=1 forces it).
-#   4. The compiled selection op (`python -m keras_freetickets.native build`,
+#   4. The compiled ops (`python -m keras_freetickets.native build`,
 #      g++; into $KFT_NATIVE_DIR or ~/.cache/keras_freetickets), once per
 #      machine, TensorFlow version and source; a warning where it fails.
 set -euo pipefail
@@ -118,13 +118,18 @@ else
   log "installed keras-freetickets[$EXTRAS] into $VENV"
 fi
 
-# --- 4. the compiled selection op ---------------------------------------------------
-# Faster mask updates on CPU, the same masks (keras_freetickets/native.py).
-# Built once per machine, TensorFlow version and source; without a C++
-# compiler the library uses TensorFlow's ops.
+# --- 4. the compiled ops ------------------------------------------------------------
+# Faster mask updates on CPU, the same masks, and the sparse convolution for
+# ensemble inference (keras_freetickets/native.py). Built once per machine,
+# TensorFlow version and source; without a C++ compiler the library uses
+# TensorFlow's ops.
 build_log="$(mktemp)"
 if built="$(cd / && TF_CPP_MIN_LOG_LEVEL=3 "$VENV/bin/python" -m keras_freetickets.native build 2>"$build_log")"; then
-  log "compiled selection op: ${built#built }"
+  while read -r line; do log "compiled: ${line#built }"; done <<< "$built"
+  if grep -q "keras_freetickets" "$build_log"; then
+    warn "the sparse convolution was not built (ensembles use TensorFlow's convolution):"
+    grep "keras_freetickets" "$build_log" | tail -5 >&2 || true
+  fi
   rm -f "$build_log"
 else
   warn "the compiled selection op was not built (mask updates use TensorFlow's ops):"
