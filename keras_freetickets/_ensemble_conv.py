@@ -14,11 +14,31 @@ used (at inference only, never under XLA); this module only plans and runs.
 import keras
 import tensorflow as tf
 
+from keras_freetickets import _keras_compat as compat
 from keras_freetickets import native
 from keras_freetickets._ensemble_batched import _layer_chain
 
 CONV_KERNELS = ("auto", "dense", "compiled")
 """The values of `FreeTicketsEnsemble`'s `conv_kernels`, the default first."""
+
+def use_compiled_conv(conv_kernels):
+    """Whether inference traced now runs eligible layers through the op:
+    never for "dense" or under XLA; for "auto" where the op is available;
+    for "compiled" there too, and a RuntimeError where it is not."""
+    if conv_kernels == "dense" or compat.in_xla_context():
+        return False
+    if native.conv_available():
+        return True
+    if conv_kernels == "compiled":
+        raise RuntimeError(
+            "FreeTicketsEnsemble(conv_kernels='compiled') needs the compiled "
+            "sparse convolution, which is not built or is disabled here "
+            "(KFT_NATIVE, or a visible GPU under KFT_NATIVE=auto). Run "
+            "`python -m keras_freetickets.native build`, or pass "
+            "conv_kernels='auto'."
+        )
+    return False
+
 
 _ACTIVATIONS = {keras.activations.relu: True, keras.activations.linear: False}
 

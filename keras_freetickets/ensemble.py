@@ -7,9 +7,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_freetickets import _keras_compat as compat
 from keras_freetickets import members as members_lib
-from keras_freetickets import native
 from keras_freetickets._ensemble_batched import BatchedPlan
 from keras_freetickets._ensemble_batched import live_weight
 from keras_freetickets._ensemble_checks import check_output_kind
@@ -17,6 +15,9 @@ from keras_freetickets._ensemble_checks import check_probabilities
 from keras_freetickets._ensemble_checks import member_shapes
 from keras_freetickets._ensemble_conv import CONV_KERNELS
 from keras_freetickets._ensemble_conv import ConvRunner
+from keras_freetickets._ensemble_conv import use_compiled_conv
+from keras_freetickets._ensemble_stack import MemberStack
+from keras_freetickets._ensemble_stack import stacked_probabilities
 from keras_freetickets._validation import check_bool
 from keras_freetickets._validation import check_one_of
 
@@ -209,22 +210,10 @@ class FreeTicketsEnsemble(keras.Model):
 
     def _inference_runners(self):
         """Per member, the `ConvRunner` inference uses, or None for the
-        member's own call (every member's None: TensorFlow's convolution)."""
-        none = [None] * len(self._members)
-        if self._conv_kernels == "dense" or self.batched_plan() is not None:
-            return none
-        if compat.in_xla_context():
-            return none
-        if not native.conv_available():
-            if self._conv_kernels == "compiled":
-                raise RuntimeError(
-                    "FreeTicketsEnsemble(conv_kernels='compiled') needs the "
-                    "compiled sparse convolution, which is not built or is "
-                    "disabled here (KFT_NATIVE, or a visible GPU under "
-                    "KFT_NATIVE=auto). Run `python -m keras_freetickets.native "
-                    "build`, or pass conv_kernels='auto'."
-                )
-            return none
+        member's own call."""
+        if self.batched_plan() is not None or not use_compiled_conv(
+                self._conv_kernels):
+            return [None] * len(self._members)
         if self._conv_runners is _UNPLANNED:
             object.__setattr__(self, "_conv_runners",
                                [ConvRunner.build(m) for m in self._members])
@@ -237,7 +226,7 @@ class FreeTicketsEnsemble(keras.Model):
                 inputs, self._member_output, live_weight, axis=1
             )
             return ops.mean(stacked, axis=1)
-        stacked = _stacked_probabilities(
+        stacked = stacked_probabilities(
             self._members, self._member_output, inputs, training, axis=0,
             runners=None if training else self._inference_runners(),
         )
@@ -267,7 +256,7 @@ class FreeTicketsEnsemble(keras.Model):
         """
         stack_model = _STACK_MODELS.get(self)
         if stack_model is None:
-            stack_model = _MemberStack(
+            stack_model = MemberStack(
                 self._members, self._member_output, self.batched_plan(),
                 self._inference_runners,
             )
@@ -405,51 +394,6 @@ class FreeTicketsEnsemble(keras.Model):
             for c in member_configs
         ]
         return cls(members=loaded, **config)
-
-
-class _MemberStack(keras.Model):
-    """Helper model: members' probabilities stacked on axis 1, (N, M, ...).
-
-    Batch-major so that `predict` can concatenate batches. It shares the
-    member objects (no copy, no variables of its own) and is never saved.
-    """
-
-    def __init__(self, member_models, member_output, plan=None, runners=None):
-        super().__init__(name="free_tickets_member_stack")
-        # Not tracked: the members belong to the ensemble.
-        object.__setattr__(self, "_member_models", list(member_models))
-        object.__setattr__(self, "_kind", member_output)
-        object.__setattr__(self, "_batched_plan", plan)
-        # The ensemble's `_inference_runners`, asked at trace time.
-        object.__setattr__(self, "_runners", runners)
-        self.built = True
-
-    def call(self, inputs):
-        if self._batched_plan is not None:
-            return self._batched_plan.probabilities(
-                inputs, self._kind, live_weight, axis=1
-            )
-        return _stacked_probabilities(
-            self._member_models, self._kind, inputs, training=False, axis=1,
-            runners=None if self._runners is None else self._runners(),
-        )
-
-
-def _stacked_probabilities(member_models, member_output, inputs, training, axis,
-                           runners=None):
-    """All members' probabilities, stacked on `axis` (0: (M, N, ...)); a
-    member with a runner in `runners` runs through it."""
-    outputs = []
-    for index, member in enumerate(member_models):
-        runner = None if runners is None else runners[index]
-        if runner is not None:
-            y = ops.cast(runner(inputs), "float32")
-        else:
-            y = ops.cast(member(inputs, training=training), "float32")
-        if member_output == "logits":
-            y = ops.softmax(y, axis=-1)
-        outputs.append(y)
-    return ops.stack(outputs, axis=axis)
 
 
 _UNPLANNED = object()
