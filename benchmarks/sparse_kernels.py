@@ -13,11 +13,15 @@ rewires are unstructured), the layer's product is timed as:
 - `gather`: padded ELL: per output unit the indices and values of its
   nonzero inputs (padded to the largest count), `tf.gather` of the inputs
   and a weighted sum (Conv2D: on the im2col matrix);
-- `compiled` (Dense layers only; `--nocompiled` leaves it out): the
+- `compiled` (`--nocompiled` leaves it out): on Dense layers, the
   hand-written C++ kernel of `compiled_kernel.py`, compiled at the start of
   the run (~10 s; needs g++); like the other two it gets its index (of the
   mask, by row and by column) built once, outside the timed calls, and the
-  time to build it is reported beside;
+  time to build it is reported beside. On Conv2D layers, the library's
+  sparse convolution (`keras_freetickets.native.sparse_conv2d`, which
+  `FreeTicketsEnsemble` uses at inference; built by `native.build`), which
+  indexes the kernel's nonzeros inside every call; forward passes only (it
+  has no gradient, so its training cells are n/a);
 - `block`: not timed. A block-sparse kernel skips only all-zero blocks; the
   table gives the fraction of 4x4 and 16x16 blocks that hold a nonzero under
   these unstructured masks, which bounds what any block layout could save.
@@ -71,7 +75,9 @@ flags.DEFINE_string("out", "benchmarks/results",
                     "Folder for sparse_kernels.json and .md.")
 flags.DEFINE_bool("quick", False, "Smoke run: 2 rounds, batch 1 and 8.")
 flags.DEFINE_bool("compiled", True,
-                  "Also time the compiled C++ kernel on Dense layers (needs g++).")
+                  "Also time the compiled C++ kernels: the benchmark's on Dense "
+                  "layers, the library's sparse convolution on Conv2D layers "
+                  "(needs g++).")
 flags.DEFINE_integer("fit_pairs", 5,
                      "Pairs of one-epoch FMNIST-MLP v1 fits, dense against the "
                      "compiled path (0: none; needs --compiled and mlp).")
@@ -235,6 +241,13 @@ class _Product:
         kernel = self.kernel if kernel is None else kernel
         return compiled_kernel.matmul(x, kernel, self.index)
 
+    def compiled_conv(self, x):
+        import tensorflow as tf
+        from keras_freetickets import native
+
+        return native.sparse_conv2d(x, self.kernel, tf.zeros([self.cols]),
+                                    padding="SAME")
+
     def gather(self, x, values=None):
         import tensorflow as tf
 
@@ -294,6 +307,8 @@ def measure_layer(name, path, kind, shape, in_shape, density, batches, rounds,
         row["index_ms"] = 1e3 * _time(
             {"index": lambda: index_fn(product.mask)[0].numpy()},
             rounds, group_seconds)["index"]
+    if use_compiled and kind == "conv":
+        forward_fns["compiled"] = tf.function(product.compiled_conv)
     sparse_labels = [label for label in forward_fns if label != "dense"]
     for batch in batches:
         x = tf.constant(rng.random((batch,) + in_shape, dtype=np.float32))
@@ -323,12 +338,12 @@ def measure_layer(name, path, kind, shape, in_shape, density, batches, rounds,
         "tf.sparse": train_step(product.tf_sparse, product.values),
         "gather": train_step(product.gather, product.ell_val),
     }
-    if "compiled" in forward_fns:
+    if "compiled" in forward_fns and kind == "dense":  # the conv op has no gradient
         train_fns["compiled"] = train_step(product.compiled, product.dense_var)
     batch = batches[-1]
     x = tf.constant(rng.random((batch,) + in_shape, dtype=np.float32))
     dx_reference = train_fns["dense"](x)[0].numpy()
-    for label in sparse_labels:
+    for label in [label for label in sparse_labels if label in train_fns]:
         dx = train_fns[label](x)[0].numpy()
         error = float(np.abs(dx - dx_reference).max() / max(1.0, np.abs(dx_reference).max()))
         if error > ATOL:
@@ -360,8 +375,10 @@ def render_markdown(report):
         "tf.sparse = `tf.sparse.sparse_dense_matmul` (convolutions through an "
         "`extract_patches` im2col); gather = padded ELL (`tf.gather` of each "
         "output's nonzero inputs + weighted sum); compiled = the C++ kernel of "
-        "`compiled_kernel.py` (Dense layers; its mask index, built once per "
-        "mask, timed apart). Speed-up = dense time / "
+        "`compiled_kernel.py` on Dense layers (its mask index, built once per "
+        "mask, timed apart) and the library's sparse convolution "
+        "(`native.sparse_conv2d`, index built inside every call; forward "
+        "only) on Conv2D layers. Speed-up = dense time / "
         "path time (> 1 is faster than dense). Training = forward + backward "
         "(gradients for the inputs and the nonzero weights).",
         f"- Machine: {report['machine']}.",
@@ -470,6 +487,12 @@ def main(argv):
         import compiled_kernel
 
         compiled_kernel.load()  # a missing compiler fails here, not mid-run
+        from keras_freetickets import native
+
+        native.build(native.CONV_SOURCE)
+        if not native.conv_available():
+            raise SystemExit("The compiled sparse convolution is built but not "
+                             "enabled here (KFT_NATIVE, or a visible GPU).")
     for name in models:
         specs = layer_specs(name)
         for sparsity in SPARSITIES:

@@ -203,3 +203,22 @@ def test_sparse_kernels_quick_run_checks_every_layer(tmp_path):
         fit = report["fit"]
         assert fit["layers"] == [0] and len(fit["ratios"]) == fit["pairs"] == 5
         assert "## Whole fits: dense against the compiled path" in markdown
+
+
+@pytest.mark.slow
+def test_sparse_kernels_times_the_compiled_convolution_forward_only(tmp_path):
+    proc = _run("sparse_kernels.py", "--quick", "--models=cnn", "--fit_pairs=0",
+                f"--out={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "sparse_kernels.json").read_text())
+    if not report["settings"]["compiled"]:
+        pytest.skip("no C++ compiler: the compiled paths were left out")
+    convs = [r for r in report["rows"] if r["kind"] == "conv"]
+    assert len(convs) == 2 * 2  # 2 convolutions x 2 sparsities
+    for row in convs:
+        for timing in row["forward"].values():
+            assert timing["compiled"]["ms"] > 0
+        for timing in row["training"].values():
+            assert "compiled" not in timing
+    markdown = (tmp_path / "sparse_kernels.md").read_text()
+    assert "`native.sparse_conv2d`" in markdown

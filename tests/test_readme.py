@@ -54,6 +54,16 @@ COMPILED = textwrap.dedent('''
                   keras.losses.SparseCategoricalCrossentropy(from_logits=True))
 ''')
 
+# Small CNN members for the sparse-convolution block.
+CNN_MEMBERS = PRELUDE + textwrap.dedent('''
+    members = [keras.Sequential([
+        keras.Input((12, 12, 1)),
+        keras.layers.Conv2D(4, 3, padding="same", activation="relu"),
+        keras.layers.MaxPooling2D(2),
+        keras.layers.Flatten(),
+        keras.layers.Dense(10)]) for _ in range(2)]
+''')
+
 # Runs: (a line that identifies the first block, setup, the blocks run after
 # it in the same process, identified the same way, and what must hold after).
 RUNS = [
@@ -67,6 +77,12 @@ RUNS = [
      "assert os.path.isfile('serving/fashion/1/saved_model.pb')"),
     ("@kft.register_updater(", PRELUDE, [],
      "assert opt.updater.__class__.__name__ == 'SquaredGradient'"),
+    ('conv_kernels="dense")', CNN_MEMBERS, [],
+     "names = ensemble.compiled_conv_layers()\n"
+     "assert names == ([['conv2d', 'max_pooling2d'], ['conv2d_1', 'max_pooling2d_1']]\n"
+     "                 if kft.native.conv_available() else [[], []]), names\n"
+     "p = ensemble.predict(np.zeros((3, 12, 12, 1), 'float32'), verbose=0)\n"
+     "assert p.shape == (3, 10)"),
     ('kft.BackupAndRestore("run1/backup")', COMPILED, [],
      "assert len(os.listdir('run1/members')) == 3\n"
      "assert not os.path.exists('run1/backup')"),
@@ -111,7 +127,8 @@ def test_every_block_is_run_or_excused():
 
 @pytest.mark.parametrize("first, setup, then, check", RUNS,
                          ids=["quick_start", "edst_ensemble_metrics_export",
-                              "custom_updater", "backup_resume"])
+                              "custom_updater", "sparse_conv_ensemble",
+                              "backup_resume"])
 def test_block_runs_as_written(tmp_path, first, setup, then, check):
     blocks = python_blocks()
     script = "import os\n" + setup + find(blocks, first)
