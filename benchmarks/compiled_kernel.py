@@ -86,6 +86,52 @@ def matmul(x, kernel, index):
     return product(x, kernel)
 
 
+def conv2d(x, kernel):
+    """A stride-1 "SAME" convolution (odd kernel sizes) that reads only the
+    kernel's nonzeros: forward and input gradient through the library's
+    sparse convolution (`native.sparse_conv2d`; the input gradient is the
+    same convolution of `dy` with the kernel flipped and its channels
+    swapped), kernel gradient through `FtConvKernelGrad` (zero off the
+    nonzeros)."""
+    import tensorflow as tf
+
+    from keras_freetickets import native
+
+    ops = load()
+
+    @tf.custom_gradient
+    def product(x, kernel):
+        out_channels, in_channels = tf.shape(kernel)[3], tf.shape(kernel)[2]
+
+        def grad(dy):
+            flipped = tf.transpose(tf.reverse(kernel, [0, 1]), [0, 1, 3, 2])
+            dx = native.sparse_conv2d(dy, flipped, tf.zeros([in_channels]))
+            return dx, ops.ft_conv_kernel_grad(x, dy, kernel)
+
+        return native.sparse_conv2d(x, kernel, tf.zeros([out_channels])), grad
+
+    return product(x, kernel)
+
+
+def compiled_conv(conv, mask):
+    """A Keras `Conv2D` like the built `conv` (strides 1, "same" padding),
+    its kernel restricted to the boolean `mask`, computed by `conv2d`."""
+    import keras
+    import numpy as np
+
+    class CompiledConv2D(keras.layers.Conv2D):
+        def convolution_op(self, inputs, kernel):
+            return conv2d(inputs, kernel)
+
+    config = conv.get_config()
+    config["name"] = f"compiled_{conv.name}"
+    layer = CompiledConv2D.from_config(config)
+    layer.build((None, None, None, conv.kernel.shape[2]))
+    layer.kernel.assign(np.where(mask, conv.kernel.numpy(), 0).astype(np.float32))
+    layer.bias.assign(conv.bias.numpy())
+    return layer
+
+
 def compiled_dense(dense, mask):
     """A layer computing what the built Keras `Dense` layer `dense` computes
     with its kernel restricted to the boolean `mask` (numpy, kernel-shaped),
@@ -116,9 +162,11 @@ def compiled_dense(dense, mask):
     return CompiledDense(name=f"compiled_{dense.name}")
 
 
-def fit_comparison(x, y, masks, pairs, epochs=1, seed=0, log=None):
-    """Whole `fit`s of FMNIST-MLP v1's model, dense against the same model
-    with the layers in `masks` ({layer index: boolean mask}) on the compiled
+def fit_comparison(x, y, masks, pairs, epochs=1, seed=0, log=None,
+                   protocol="mlp"):
+    """Whole `fit`s of a protocol's model ("mlp": FMNIST-MLP v1, "cnn":
+    FMNIST-CNN v1), dense against the same model with the layers in `masks`
+    ({layer index: boolean mask}; `Dense` or `Conv2D`) on the compiled
     path, alternating (A B B A ...), each arm `pairs` times; plain SGD
     (momentum 0.9, lr 0.05), batch 128, the protocol's L2 left out (a
     kernel regularizer would be a dense op on the compiled kernels too).
@@ -131,13 +179,18 @@ def fit_comparison(x, y, masks, pairs, epochs=1, seed=0, log=None):
     import protocols
 
     def make(compiled):
-        model = protocols.build_model("mlp", seed=seed, l2=None)
+        model = protocols.build_model(protocol, seed=seed, l2=None)
         if compiled:
+            def swap(layer, mask):
+                if isinstance(layer, keras.layers.Conv2D):
+                    return compiled_conv(layer, mask)
+                return compiled_dense(layer, mask)
+
             layers = [
-                compiled_dense(layer, masks[i]) if i in masks else layer
+                swap(layer, masks[i]) if i in masks else layer
                 for i, layer in enumerate(model.layers)
             ]
-            model = keras.Sequential([keras.Input((784,)), *layers])
+            model = keras.Sequential([keras.Input(model.input_shape[1:]), *layers])
         model.compile(
             optimizer=keras.optimizers.SGD(0.05, momentum=0.9),
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),

@@ -41,6 +41,10 @@ against the same model with the layers of `--fit_layers` (default: the
 path, with the table's fixed masks at the protocol's S = 0.8
 (`--fit_sparsity=0.9` for the sparser masks) and no
 SparseOptimizer: what a sparse fit could gain from this kernel at most.
+With FMNIST-CNN v1 in the run, the same for its model with both
+convolutions on the compiled path: forward and input gradient through the
+library's sparse convolution, the kernel gradient (at the nonzeros) through
+`FtConvKernelGrad` of `compiled_kernel.py` (`compiled_kernel.conv2d`).
 
 Usage:
 
@@ -426,17 +430,19 @@ def render_markdown(report):
     else:
         lines.append("- Nowhere: on every layer, batch and pass, dense was faster.")
     lines += _fit_markdown(report.get("fit"))
+    lines += _fit_markdown(report.get("fit_cnn"), "cnn")
     lines.append("")
     return "\n".join(lines)
 
 
-def _fit_markdown(fit):
+def _fit_markdown(fit, protocol="mlp"):
     if not fit:
         return []
-    head = ["", "## Whole fits: dense against the compiled path", ""]
+    head = ["", "## Whole fits: dense against the compiled path"
+            + ("" if protocol == "mlp" else f" ({MODELS[protocol]})"), ""]
     s = fit["seconds"]
     return head + [
-        f"FMNIST-MLP v1's model, {fit['epochs']} epoch(s) per fit on the "
+        f"{MODELS[protocol]}'s model, {fit['epochs']} epoch(s) per fit on the "
         "training split, batch 128, plain SGD (no SparseOptimizer, no L2), "
         f"alternating; compiled layers: {', '.join(fit['layer_names'])} "
         f"(the table's fixed masks at S = {fit['sparsity']}).",
@@ -450,25 +456,33 @@ def _fit_markdown(fit):
     ]
 
 
-def run_fit(rows, places, pairs, quick):
-    """The whole-fit comparison with the layers at `places` compiled."""
+def run_fit(rows, places, pairs, quick, protocol="mlp"):
+    """The whole-fit comparison with the prunable layers at `places` (their
+    order among the protocol's prunable kernels) compiled."""
     import numpy as np
 
     from keras_freetickets.contrib.datasets import load_fashion_mnist
 
     import compiled_kernel
 
-    chosen = [r for r in rows if r["protocol"] == MODELS["mlp"]
+    chosen = [r for r in rows if r["protocol"] == MODELS[protocol]
               and r["sparsity"] == FLAGS.fit_sparsity and r["position"] in places]
+    # Where each prunable kernel sits among the model's layers.
+    model = protocols.build_model(protocol, seed=0)
+    with_kernel = [i for i, layer in enumerate(model.layers)
+                   if getattr(layer, "kernel", None) is not None]
     masks = {}
     for r in chosen:  # the masks the layer table timed
         kernel, _ = random_kernel(tuple(r["shape"]), r["density"], seed=r["position"])
-        masks[r["position"]] = kernel != 0
-    x, y = load_fashion_mnist("train", flatten=True)
+        masks[with_kernel[r["position"]]] = kernel != 0
+    x, y = load_fashion_mnist("train", flatten=(protocol == "mlp"))
+    x = np.asarray(x)
+    if protocol == "cnn":
+        x = x.reshape(-1, 28, 28, 1)
     if quick:
         x, y = x[:2560], y[:2560]
-    result = compiled_kernel.fit_comparison(np.asarray(x), np.asarray(y), masks,
-                                            pairs, log=True)
+    result = compiled_kernel.fit_comparison(x, np.asarray(y), masks, pairs,
+                                            log=True, protocol=protocol)
     result["layer_names"] = [
         f"`{r['layer']}` {'x'.join(map(str, r['shape']))}" for r in chosen]
     result["sparsity"] = FLAGS.fit_sparsity
@@ -517,6 +531,10 @@ def main(argv):
     )
     if FLAGS.compiled and "mlp" in models and FLAGS.fit_pairs:
         report["fit"] = run_fit(rows, fit_layers, FLAGS.fit_pairs, FLAGS.quick)
+    if FLAGS.compiled and "cnn" in models and FLAGS.fit_pairs:
+        # Both convolutions (most of the CNN's time) on the compiled path.
+        report["fit_cnn"] = run_fit(rows, [0, 1], FLAGS.fit_pairs, FLAGS.quick,
+                                    protocol="cnn")
     report["wall_seconds"] = time.time() - start
     benchkit.write_report(FLAGS.out, "sparse_kernels", report, render_markdown(report))
 

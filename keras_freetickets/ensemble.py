@@ -72,8 +72,8 @@ class FreeTicketsEnsemble(keras.Model):
     weights run through it: it reads only the kernel's nonzeros, with the
     ReLU and a following `MaxPooling2D(2)` fused in, so its cost follows the
     members' sparsity. On the 2-core CPU it was measured on it made an
-    M = 3 FMNIST-CNN ensemble's `predict` at batch 1024 about twice as fast
-    (README, "Ensemble inference"), so `"auto"` (the default) uses it
+    M = 3 FMNIST-CNN ensemble's `predict` at batch 1024 1.8x as fast (README,
+    "Ensemble inference on CPU"), so `"auto"` (the default) uses it
     wherever it is built and no GPU is visible; `"dense"` keeps TensorFlow's
     convolution; `"compiled"` requires the op and raises at inference where
     it is not built. The probabilities agree with TensorFlow's convolution

@@ -73,6 +73,38 @@ def test_products_match_dense_on_the_mask(ops, batch, rows, cols, density):
     assert np.all(dw.numpy()[~mask] == 0)  # off the mask: exactly zero
 
 
+@pytest.mark.parametrize("batch, size, channels, out, kernel_size, density", [
+    (37, 14, 32, 64, 3, 0.136),   # FMNIST-CNN v1's second convolution, S = 0.8
+    (16, 28, 1, 32, 3, 1.0),      # its first, one full block of 16 samples
+    (5, 7, 3, 4, 5, 0.4),         # a 5x5 kernel, a part-filled block
+    (3, 6, 2, 3, 1, 0.0),         # an empty kernel
+])
+def test_conv_gradients_match_dense_on_the_mask(ops, batch, size, channels, out,
+                                                 kernel_size, density):
+    import tensorflow as tf
+
+    from keras_freetickets import native
+
+    native.build(native.CONV_SOURCE)
+    rng = np.random.default_rng(batch + size)
+    shape = (kernel_size, kernel_size, channels, out)
+    mask = rng.random(shape) < density
+    w = tf.Variable(np.where(mask, rng.standard_normal(shape), 0).astype(np.float32))
+    x = tf.constant(rng.standard_normal((batch, size, size, channels)).astype(np.float32))
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(x)
+        sparse = compiled_kernel.conv2d(x, w)
+        dense = tf.nn.conv2d(x, w, 1, "SAME")
+        sparse_loss = tf.reduce_sum(sparse * sparse)
+        dense_loss = tf.reduce_sum(dense * dense)
+    dx, dw = tape.gradient(sparse_loss, [x, w])
+    dx_dense, dw_dense = tape.gradient(dense_loss, [x, w])
+    assert _close(sparse, dense.numpy())
+    assert _close(dx, dx_dense.numpy())
+    assert _close(dw, np.where(mask, dw_dense.numpy(), 0))
+    assert np.all(dw.numpy()[~mask] == 0)  # off the mask: exactly zero
+
+
 def test_index_lists_each_active_entry_once_in_order(ops):
     import tensorflow as tf
 

@@ -9,6 +9,10 @@
 //   FtSpmm:          y  = x @ w,    y[b, j]  = sum over active (i, j) of x[b, i] w[i, j]
 //   FtSpmmInputGrad: dx = dy @ w^T, dx[b, i] = sum over active (i, j) of dy[b, j] w[i, j]
 //   FtSddmm:         dw = x^T @ dy at the active entries, zero elsewhere.
+// and, for convolutions (whose forward pass and input gradient are the
+// library's sparse convolution, keras_freetickets.native.sparse_conv2d):
+//   FtConvKernelGrad: a SAME convolution's kernel gradient at the kernel's
+//                     nonzeros, zero elsewhere.
 // Each output element is summed by one thread in index order, so results do
 // not depend on the thread count.
 #include <immintrin.h>
@@ -258,6 +262,119 @@ class SddmmOp : public OpKernel {
   }
 };
 
+// FtConvKernelGrad(x, dy, kernel) -> dkernel: the gradient of a stride-1
+// "SAME" 2-D convolution (NHWC, odd kernel sizes) with respect to its
+// kernel, at the kernel's nonzeros only (exactly zero elsewhere):
+// dk[ky, kx, ci, co] = sum over n, y, x of xpad[n, y + ky, x + kx, ci] *
+// dy[n, y, x, co]. Blocks of 16 samples are copied batch-minor (the batch
+// vectorized, as in the library's sparse convolution), each nonzero's sum is
+// kept per 16 lanes and per shard, and the shards are summed in order.
+class ConvKernelGradOp : public OpKernel {
+ public:
+  explicit ConvKernelGradOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& x = ctx->input(0);
+    const Tensor& dy = ctx->input(1);
+    const Tensor& k = ctx->input(2);
+    OP_REQUIRES(ctx, x.dims() == 4 && dy.dims() == 4 && k.dims() == 4,
+                errors::InvalidArgument("FtConvKernelGrad takes rank-4 x, dy, kernel"));
+    const int N = x.dim_size(0), H = x.dim_size(1), W = x.dim_size(2), C = x.dim_size(3);
+    const int KH = k.dim_size(0), KW = k.dim_size(1), O = k.dim_size(3);
+    OP_REQUIRES(ctx, KH % 2 == 1 && KW % 2 == 1 && k.dim_size(2) == C &&
+                         dy.dim_size(0) == N && dy.dim_size(1) == H &&
+                         dy.dim_size(2) == W && dy.dim_size(3) == O,
+                errors::InvalidArgument(
+                    "FtConvKernelGrad: odd kernel sizes and a SAME output "
+                    "expected. Received: x ", x.shape().DebugString(), ", dy ",
+                    dy.shape().DebugString(), ", kernel ", k.shape().DebugString()));
+    const int pt = (KH - 1) / 2, pl = (KW - 1) / 2;
+    const int Hp = H + KH - 1, Wp = W + KW - 1;
+    const size_t plane = static_cast<size_t>(Hp) * Wp * 16;
+    const size_t oplane = static_cast<size_t>(H) * W * 16;
+    Tensor* dk = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, k.shape(), &dk));
+    float* dkp = dk->flat<float>().data();
+    std::fill(dkp, dkp + k.NumElements(), 0.f);
+    const float* kp = k.flat<float>().data();
+    std::vector<int> ptr(O + 1, 0), xoff, pos;
+    for (int co = 0; co < O; ++co) {
+      for (int ci = 0; ci < C; ++ci)
+        for (int ky = 0; ky < KH; ++ky)
+          for (int kx = 0; kx < KW; ++kx) {
+            const size_t at = ((static_cast<size_t>(ky) * KW + kx) * C + ci) * O + co;
+            if (kp[at] != 0.f) {
+              xoff.push_back(static_cast<int>(ci * plane + (static_cast<size_t>(ky) * Wp + kx) * 16));
+              pos.push_back(static_cast<int>(at));
+            }
+          }
+      ptr[co + 1] = xoff.size();
+    }
+    const int nnz = xoff.size();
+    if (nnz == 0 || N == 0) return;
+    const int tiles = (N + 15) / 16;
+    auto* pool = ctx->device()->tensorflow_cpu_worker_threads();
+    const int shards = std::max(1, std::min(tiles, pool->num_threads));
+    std::vector<std::vector<float>> partial(
+        shards, std::vector<float>(static_cast<size_t>(nnz) * 16, 0.f));
+    const float* xp = x.flat<float>().data();
+    const float* dyp = dy.flat<float>().data();
+    auto work = [&](int64_t s0, int64_t s1) {
+      std::vector<float> xbuf(plane * C, 0.f), dbuf(oplane * O, 0.f);
+      for (int64_t sh = s0; sh < s1; ++sh) {
+        float* part = partial[sh].data();
+        for (int t = sh * tiles / shards; t < (sh + 1) * tiles / shards; ++t) {
+          const int n0 = t * 16, nv = std::min(16, N - n0);
+          if (nv < 16) {  // unused lanes read zeros
+            std::fill(xbuf.begin(), xbuf.end(), 0.f);
+            std::fill(dbuf.begin(), dbuf.end(), 0.f);
+          }
+          for (int n = 0; n < nv; ++n) {
+            const float* src = xp + static_cast<size_t>(n0 + n) * H * W * C;
+            for (int yy = 0; yy < H; ++yy)
+              for (int xx = 0; xx < W; ++xx)
+                for (int ci = 0; ci < C; ++ci)
+                  xbuf[ci * plane + (static_cast<size_t>(yy + pt) * Wp + xx + pl) * 16 + n] =
+                      src[(static_cast<size_t>(yy) * W + xx) * C + ci];
+            const float* dsrc = dyp + static_cast<size_t>(n0 + n) * H * W * O;
+            for (int p = 0; p < H * W; ++p)
+              for (int co = 0; co < O; ++co)
+                dbuf[co * oplane + static_cast<size_t>(p) * 16 + n] = dsrc[static_cast<size_t>(p) * O + co];
+          }
+          for (int co = 0; co < O; ++co) {
+            const float* d = dbuf.data() + co * oplane;
+            for (int s = ptr[co]; s < ptr[co + 1]; ++s) {
+              const float* xb = xbuf.data() + xoff[s];
+              v16 a0{}, a1{}, a2{}, a3{};
+              for (int oy = 0; oy < H; ++oy) {
+                const float* xr = xb + static_cast<size_t>(oy) * Wp * 16;
+                const float* dr = d + static_cast<size_t>(oy) * W * 16;
+                int ox = 0;
+                for (; ox + 4 <= W; ox += 4) {
+                  a0 += Load(xr + (ox + 0) * 16) * Load(dr + (ox + 0) * 16);
+                  a1 += Load(xr + (ox + 1) * 16) * Load(dr + (ox + 1) * 16);
+                  a2 += Load(xr + (ox + 2) * 16) * Load(dr + (ox + 2) * 16);
+                  a3 += Load(xr + (ox + 3) * 16) * Load(dr + (ox + 3) * 16);
+                }
+                for (; ox < W; ++ox) a0 += Load(xr + ox * 16) * Load(dr + ox * 16);
+              }
+              const v16 sum = (a0 + a1) + (a2 + a3);
+              float* pp = part + static_cast<size_t>(s) * 16;
+              for (int l = 0; l < 16; ++l) pp[l] += sum[l];
+            }
+          }
+        }
+      }
+    };
+    Shard(pool->num_threads, pool->workers, shards, int64_t{1} << 30, work);
+    for (int s = 0; s < nnz; ++s) {
+      float total = 0.f;
+      for (int sh = 0; sh < shards; ++sh)
+        for (int l = 0; l < 16; ++l) total += partial[sh][static_cast<size_t>(s) * 16 + l];
+      dkp[pos[s]] = total;
+    }
+  }
+};
+
 Status MatrixOut(shape_inference::InferenceContext* c, int rows_of, int rows_dim,
                  int cols_of, int cols_dim) {
   c->set_output(0, c->Matrix(c->Dim(c->input(rows_of), rows_dim),
@@ -296,4 +413,12 @@ REGISTER_KERNEL_BUILDER(Name("FtMaskIndex").Device(DEVICE_CPU), MaskIndexOp);
 REGISTER_KERNEL_BUILDER(Name("FtSpmm").Device(DEVICE_CPU), ProductOp<true>);
 REGISTER_KERNEL_BUILDER(Name("FtSpmmInputGrad").Device(DEVICE_CPU), ProductOp<false>);
 REGISTER_KERNEL_BUILDER(Name("FtSddmm").Device(DEVICE_CPU), SddmmOp);
+REGISTER_OP("FtConvKernelGrad")
+    .Input("x: float").Input("dy: float").Input("kernel: float")
+    .Output("dkernel: float")
+    .SetShapeFn([](shape_inference::InferenceContext* c) {
+      c->set_output(0, c->input(2));
+      return absl::OkStatus();
+    });
+REGISTER_KERNEL_BUILDER(Name("FtConvKernelGrad").Device(DEVICE_CPU), ConvKernelGradOp);
 }  // namespace ft
