@@ -247,3 +247,17 @@ def test_a_failed_convolution_build_does_not_fail_the_command(tmp_path, monkeypa
     assert "built" in captured.out and "ft_select" in captured.out
     assert "ft_sparse_conv.cc" in captured.err
     assert not any(p.name.startswith("ft_sparse_conv") for p in (tmp_path / "cache").iterdir())
+
+
+def test_mixed_precision_members_keep_their_own_call():
+    keras.config.set_dtype_policy("mixed_float16")
+    try:
+        member = cnn_member(0)
+    finally:
+        keras.config.set_dtype_policy("float32")
+    ensemble = FreeTicketsEnsemble([member])
+    assert ensemble.compiled_conv_layers() == [[]]
+    expected = keras.ops.convert_to_numpy(
+        keras.ops.softmax(keras.ops.cast(member(inputs()), "float32")))
+    np.testing.assert_allclose(ensemble.predict(inputs(), verbose=0), expected,
+                               atol=1e-3)
