@@ -1,5 +1,6 @@
-"""Compiled CPU ops: the selection op (faster mask updates, the same masks)
-and a sparse convolution for ensemble inference.
+"""Compiled CPU ops: the selection op (faster mask updates, the same masks),
+the masked SGD update (a cheaper ordinary step, the same weights) and a
+sparse convolution for ensemble inference.
 
 A mask update's two exact selections per layer (`selection.select_smallest`)
 take some seventy small TensorFlow ops each, and on a CPU their per-op cost
@@ -18,6 +19,12 @@ visible (see `set_enabled`); nothing is compiled while a model trains.
 `KFT_NATIVE=off` (or `set_enabled(False)`) keeps the TensorFlow ops; under
 XLA and on TPU the static-shape selection is used either way. The op has a CPU kernel only; the selections are a train step's
 mask update, never part of an exported model.
+
+The same library holds `masked_sgd_update`: `SparseOptimizer`'s fused SGD
+update of a masked kernel (`fused_sgd=True`, the default) selects the
+gradient on the mask and applies SGD's update in one op and one pass over
+the kernel, where TensorFlow's ops take two, with the same bits. It is used
+where the selection op is (not under XLA or a distribution strategy).
 
 `_native/ft_sparse_conv.cc` is a second library, built beside the first
 by the same `build` command but for the build machine's instruction set
@@ -48,8 +55,8 @@ from keras_freetickets._validation import check_bool
 
 __all__ = [
     "BuildError", "available", "build", "build_all", "compile_library",
-    "conv_available", "library_path", "machine_flags", "set_enabled",
-    "sparse_conv2d",
+    "conv_available", "library_path", "machine_flags", "masked_sgd_update",
+    "set_enabled", "sparse_conv2d",
 ]
 
 SOURCE = pathlib.Path(__file__).resolve().parent / "_native" / "ft_select.cc"
@@ -83,10 +90,14 @@ def library_path(source=SOURCE):
 
 
 def _extra_flags(source):
-    """The flags a source is built with beyond `compile_library`'s."""
+    """The flags a source is built with beyond `compile_library`'s: the
+    machine's instruction set for the convolution; no fused multiply-add
+    for the selection library, whose SGD updates must round as
+    TensorFlow's do (compilers contract `a * b - c` where the instruction
+    set has one, as aarch64's baseline does)."""
     if pathlib.Path(source).resolve() == CONV_SOURCE:
         return machine_flags()
-    return []
+    return ["-ffp-contract=off"]
 
 
 def machine_flags():
@@ -134,9 +145,8 @@ def _digest(source):
     digest.update(pathlib.Path(source).read_bytes())
     digest.update(tf.__version__.encode())
     digest.update(" ".join(_compile_flags()).encode())
-    extra = _extra_flags(source)
-    if extra:
-        digest.update(" ".join(extra).encode())
+    digest.update(" ".join(_extra_flags(source)).encode())
+    if pathlib.Path(source).resolve() == CONV_SOURCE:
         digest.update(_cpu_features().encode())
     return digest.hexdigest()[:16]
 
@@ -257,7 +267,8 @@ def _ops(source=SOURCE):
 
 
 def available():
-    """True when selections traced now would use the compiled op."""
+    """True when selections (and masked SGD updates) traced now would use
+    the compiled ops."""
     return _ops() is not None
 
 
@@ -282,6 +293,31 @@ def select_by_keys(values, eligible, k, kind):
 
     return ops.ft_select_by_keys(tf.cast(values, tf.float32), eligible, k,
                                  kind=kind)
+
+
+def masked_sgd_update(variable, accum, learning_rate, gradient, mask,
+                      momentum=0.0, nesterov=False):
+    """SGD's update of `variable` with `where(mask, gradient, 0)` as the
+    gradient, in one op; returns True, or False, having done nothing, when
+    the op is unavailable. `accum` is the momentum slot (a resource variable), or
+    None for plain gradient descent; the result is that of TensorFlow's
+    `ResourceApplyKerasMomentum` (`ResourceApplyGradientDescent`) given the
+    selected gradient, bit for bit. Float32 or float64, CPU only."""
+    ops = _ops()
+    if ops is None:
+        return False
+    import tensorflow as tf
+
+    dtype = variable.dtype
+    learning_rate = tf.cast(learning_rate, dtype)
+    if accum is None:
+        ops.ft_masked_apply_gradient_descent(
+            variable.handle, learning_rate, gradient, mask)
+    else:
+        ops.ft_masked_apply_momentum(
+            variable.handle, accum.handle, learning_rate, gradient, mask,
+            tf.constant(momentum, dtype), use_nesterov=bool(nesterov))
+    return True
 
 
 def conv_available():

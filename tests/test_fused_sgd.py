@@ -50,8 +50,8 @@ class FusedCalls:
         self.fused = 0
         original = _inner.fused_sgd_update
 
-        def spy(*args):
-            done = original(*args)
+        def spy(*args, **kwargs):
+            done = original(*args, **kwargs)
             self.fused += int(done)
             return done
 

@@ -18,8 +18,18 @@
 // the thread count: a histogram of the top 11 bits in signed order, a copy
 // of the keys in the bucket holding the k-th key (nth_element there finds
 // that key, T), and the flags: every key below T, then the keys equal to T
-// by increasing index until k are flagged. Built by
-// keras_freetickets/native.py.
+// by increasing index until k are flagged.
+//
+// FtMaskedApplyMomentum(var, accum, lr, grad, mask, momentum) and
+// FtMaskedApplyGradientDescent(var, alpha, grad, mask) are TensorFlow's
+// ResourceApplyKerasMomentum and ResourceApplyGradientDescent given
+// where(mask, grad, 0) as the gradient: the masked kernels' SGD update of an
+// ordinary train step in one pass over the kernel, where the select and the
+// update took two. The same expressions in the same order (built with
+// -ffp-contract=off, so no fused multiply-add), hence the same bits.
+//
+// Built by keras_freetickets/native.py.
+#define EIGEN_USE_THREADS
 #include <algorithm>
 #include <cstdint>
 #include <string>
@@ -27,7 +37,10 @@
 
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/op_kernel.h"
+#include "tensorflow/core/framework/resource_var.h"
 #include "tensorflow/core/framework/shape_inference.h"
+#include "tensorflow/core/kernels/training_op_helpers.h"
+#include "tensorflow/core/util/work_sharder.h"
 
 namespace ft_select {
 using namespace tensorflow;  // NOLINT: the registration macros need it.
@@ -248,5 +261,150 @@ REGISTER_KERNEL_BUILDER(Name("FtSelectSmallest").Device(DEVICE_CPU),
                         FtSelectSmallestOp);
 REGISTER_KERNEL_BUILDER(Name("FtSelectByKeys").Device(DEVICE_CPU),
                         FtSelectByKeysOp);
+
+// ------------------------------------------------- the masked SGD updates
+
+REGISTER_OP("FtMaskedApplyMomentum")
+    .Input("var: resource")
+    .Input("accum: resource")
+    .Input("lr: T")
+    .Input("grad: T")
+    .Input("mask: bool")
+    .Input("momentum: T")
+    .Attr("T: {float, double}")
+    .Attr("use_nesterov: bool = false")
+    .SetShapeFn([](shape_inference::InferenceContext* c) {
+      shape_inference::ShapeHandle unused;
+      TF_RETURN_IF_ERROR(c->Merge(c->input(3), c->input(4), &unused));
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(2), 0, &unused));
+      return c->WithRank(c->input(5), 0, &unused);
+    });
+
+REGISTER_OP("FtMaskedApplyGradientDescent")
+    .Input("var: resource")
+    .Input("alpha: T")
+    .Input("grad: T")
+    .Input("mask: bool")
+    .Attr("T: {float, double}")
+    .SetShapeFn([](shape_inference::InferenceContext* c) {
+      shape_inference::ShapeHandle unused;
+      TF_RETURN_IF_ERROR(c->Merge(c->input(2), c->input(3), &unused));
+      return c->WithRank(c->input(1), 0, &unused);
+    });
+
+typedef Eigen::ThreadPoolDevice CPUDevice;
+
+// The update of entries [begin, end). The gradient is loaded whether or not
+// the entry is masked, so that the select is a blend the compiler
+// vectorizes (a branch on a random mask is mispredicted often, and took
+// twice as long as TensorFlow's two ops).
+template <typename T, bool kMomentum, bool kNesterov>
+void MaskedUpdate(T* __restrict var, T* __restrict accum,
+                  const T* __restrict grad, const uint8_t* __restrict mask,
+                  T lr, T momentum, int64_t begin, int64_t end) {
+  for (int64_t i = begin; i < end; ++i) {
+    const T loaded = grad[i];
+    const T g = mask[i] ? loaded : T(0);
+    if (!kMomentum) {
+      var[i] = var[i] - g * lr;  // ApplyGradientDescent: var -= grad * lr
+      continue;
+    }
+    // ApplyKerasMomentum: accum = accum * momentum - grad * lr, then
+    // var += accum, or with Nesterov var += accum * momentum - grad * lr.
+    const T a = accum[i] * momentum - g * lr;
+    accum[i] = a;
+    var[i] = kNesterov ? var[i] + (a * momentum - g * lr) : var[i] + a;
+  }
+}
+
+template <typename T, bool kMomentum>
+class FtMaskedApplyOp : public OpKernel {
+ public:
+  explicit FtMaskedApplyOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    if (kMomentum) OP_REQUIRES_OK(ctx, ctx->GetAttr("use_nesterov", &nesterov_));
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    // Inputs: var, [accum], lr, grad, mask, [momentum].
+    const int lr_at = kMomentum ? 2 : 1;
+    std::vector<int> variables = {0};
+    if (kMomentum) variables.push_back(1);
+    auto locks = MaybeLockVariableInputMutexesInOrder<CPUDevice, T>(
+        ctx, false, false, variables);
+    Tensor var, accum;
+    OP_REQUIRES_OK(ctx, GetInputTensorFromVariable<CPUDevice, T>(
+                            ctx, 0, false, false, &var));
+    if (kMomentum) {
+      OP_REQUIRES_OK(ctx, GetInputTensorFromVariable<CPUDevice, T>(
+                              ctx, 1, false, false, &accum));
+    }
+    const Tensor& lr = ctx->input(lr_at);
+    const Tensor& grad = ctx->input(lr_at + 1);
+    const Tensor& mask = ctx->input(lr_at + 2);
+    OP_REQUIRES(ctx, var.IsInitialized(),
+                errors::FailedPrecondition("var is not initialized"));
+    OP_REQUIRES(ctx, !kMomentum || accum.IsInitialized(),
+                errors::FailedPrecondition("accum is not initialized"));
+    OP_REQUIRES(ctx, TensorShapeUtils::IsScalar(lr.shape()),
+                errors::InvalidArgument("lr must be a scalar; got shape ",
+                                        lr.shape().DebugString()));
+    OP_REQUIRES(ctx, grad.shape() == var.shape(),
+                errors::InvalidArgument("grad must have the shape of var, ",
+                                        var.shape().DebugString(), "; got ",
+                                        grad.shape().DebugString()));
+    OP_REQUIRES(ctx, mask.shape() == var.shape(),
+                errors::InvalidArgument("mask must have the shape of var, ",
+                                        var.shape().DebugString(), "; got ",
+                                        mask.shape().DebugString()));
+    T momentum = T(0);
+    if (kMomentum) {
+      OP_REQUIRES(ctx, accum.shape() == var.shape(),
+                  errors::InvalidArgument(
+                      "accum must have the shape of var, ",
+                      var.shape().DebugString(), "; got ",
+                      accum.shape().DebugString()));
+      const Tensor& m = ctx->input(5);
+      OP_REQUIRES(ctx, TensorShapeUtils::IsScalar(m.shape()),
+                  errors::InvalidArgument("momentum must be a scalar; got "
+                                          "shape ", m.shape().DebugString()));
+      momentum = m.scalar<T>()();
+    }
+    T* v = var.flat<T>().data();
+    T* a = kMomentum ? accum.flat<T>().data() : nullptr;
+    const T* g = grad.flat<T>().data();
+    const uint8_t* flags =
+        reinterpret_cast<const uint8_t*>(mask.flat<bool>().data());
+    const T rate = lr.scalar<T>()();
+    const bool nesterov = nesterov_;
+    auto work = [=](int64_t begin, int64_t end) {
+      if (!kMomentum) {
+        MaskedUpdate<T, false, false>(v, a, g, flags, rate, momentum, begin, end);
+      } else if (nesterov) {
+        MaskedUpdate<T, true, true>(v, a, g, flags, rate, momentum, begin, end);
+      } else {
+        MaskedUpdate<T, true, false>(v, a, g, flags, rate, momentum, begin, end);
+      }
+    };
+    // Elementwise, so the split never changes a result.
+    auto* pool = ctx->device()->tensorflow_cpu_worker_threads();
+    Shard(pool->num_threads, pool->workers, var.NumElements(), 4, work);
+  }
+
+ private:
+  bool nesterov_ = false;
+};
+
+#define FT_REGISTER_MASKED(T)                                        \
+  REGISTER_KERNEL_BUILDER(Name("FtMaskedApplyMomentum")              \
+                              .Device(DEVICE_CPU)                    \
+                              .TypeConstraint<T>("T"),               \
+                          FtMaskedApplyOp<T, true>);                 \
+  REGISTER_KERNEL_BUILDER(Name("FtMaskedApplyGradientDescent")       \
+                              .Device(DEVICE_CPU)                    \
+                              .TypeConstraint<T>("T"),               \
+                          FtMaskedApplyOp<T, false>);
+FT_REGISTER_MASKED(float)
+FT_REGISTER_MASKED(double)
+#undef FT_REGISTER_MASKED
 
 }  // namespace ft_select
