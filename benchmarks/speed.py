@@ -61,6 +61,10 @@ ARMS = ("dense", "sparse", "update")
 # it), present when `keras_freetickets.native` is built.
 REFERENCE_ARMS = ("sparse_keras_sgd", "dense_fused_sgd")
 TF_SELECTION_ARM = "update_tf_selection"
+# The ordinary sparse step traced with the library's compiled ops off: the
+# masked kernels' update as TensorFlow's Select and fused SGD op, two passes
+# where `native.masked_sgd_update` takes one (present when it is built).
+TF_UPDATE_ARM = "sparse_tf_update"
 BATCH_SIZE = 128
 SPARSITY = 0.8
 LEARNING_RATE = 0.05
@@ -169,7 +173,7 @@ def make_optimizer(variant):
         return sgd
     from keras_freetickets.sparse_optimizer import SparseOptimizer
 
-    if variant in ("sparse", "sparse_keras_sgd"):
+    if variant in ("sparse", "sparse_keras_sgd", TF_UPDATE_ARM):
         return SparseOptimizer(
             sgd, sparsity=SPARSITY, distribution="erk", grow="gradient",
             drop_fraction=0.5, update_interval=100, update_start_step=NEVER,
@@ -208,7 +212,8 @@ class _Runner:
         # Builds the model, the optimizer (and masks) and train_function,
         # and traces the step for a dataset iterator, as fit does; the
         # selection op is chosen when the step is traced.
-        native.set_enabled(False if variant == TF_SELECTION_ARM else None)
+        native.set_enabled(
+            False if variant in (TF_SELECTION_ARM, TF_UPDATE_ARM) else None)
         try:
             self.model.fit(dataset, epochs=1, verbose=0)
         finally:
@@ -264,7 +269,7 @@ def time_variants(name, jit_compile, repeats, steps, warmup):
     arms = ARMS if jit_compile else ARMS + REFERENCE_ARMS
     compiled_selection = native.available() and not jit_compile
     if compiled_selection:
-        arms += (TF_SELECTION_ARM,)
+        arms += (TF_SELECTION_ARM, TF_UPDATE_ARM)
     runners = {v: _Runner(name, v, jit_compile, batch) for v in arms}
     for runner in runners.values():
         runner.warm(warmup)
@@ -279,7 +284,7 @@ def time_variants(name, jit_compile, repeats, steps, warmup):
         if len(fused.fused) != len(fused.momentums):
             raise RuntimeError("The 'dense_fused_sgd' variant left variables "
                                "on Keras's update.")
-    for variant in ("sparse", "sparse_keras_sgd"):
+    for variant in ("sparse", "sparse_keras_sgd", TF_UPDATE_ARM):
         if (variant in runners
                 and runners[variant].model.optimizer.mask_updates.numpy()):
             raise RuntimeError(f"The {variant!r} variant ran a mask update.")
@@ -330,6 +335,10 @@ def time_variants(name, jit_compile, repeats, steps, warmup):
             None if jit_compile else paired("sparse", "dense_fused_sgd")),
         keras_sgd_over_fused_paired=(
             None if jit_compile else paired("sparse_keras_sgd", "sparse")),
+        # The ordinary step with TensorFlow's masked update over the
+        # library's compiled one (paired).
+        tf_update_over_sparse_paired=(
+            paired(TF_UPDATE_ARM, "sparse") if compiled_selection else None),
         update_ratio=update_ratio,
         update_ratio_paired=paired("update", "sparse"),
         # Whether the update variant's selections ran the compiled op, and
@@ -466,11 +475,12 @@ def render_markdown(report):
         "",
         "| model | XLA | plain ms/step | sparse ms/step | overhead "
         "(<= 1.05) | sparse / plain, both with the fused SGD update | "
-        "sparse with Keras's SGD update / sparse | update-step ms | update "
+        "sparse with Keras's SGD update / sparse | sparse with TensorFlow's "
+        "masked update / sparse | update-step ms | update "
         "/ ordinary | share at interval 100 (< 1%) | update / ordinary with "
         "TensorFlow's selection ops | state / weights "
         "(<= 0.5) | peak RSS plain / sparse MiB (+ above import) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["results"]:
         ms = r["step_ms"]
@@ -488,6 +498,7 @@ def render_markdown(report):
             f"{_mark(r['overhead_met'])} "
             f"| {_fmt(r['overhead_vs_fused_dense_paired'], 3)} "
             f"| {_fmt(r['keras_sgd_over_fused_paired'], 3)} "
+            f"| {_fmt(r.get('tf_update_over_sparse_paired'), 3)} "
             f"| {_fmt(ms['update']['median'])} "
             f"| {_fmt(r['update_ratio'], 2)}x "
             f"| {100 * r['update_share_at_interval_100']:.2f}% "
@@ -506,7 +517,11 @@ def render_markdown(report):
         "plain SGD given the same fused update for every variable, and "
         "against the wrapper with Keras's own SGD update (`fused_sgd=False`)."
         " They are not timed under XLA, where the library does not use the "
-        "fused op. Update / ordinary = median step with a prune-and-grow update "
+        "fused op. Where `keras_freetickets.native` is built, the masked "
+        "kernels' select and SGD update are one compiled op "
+        "(`masked_sgd_update`); the column after them is the same ordinary "
+        "step traced with TensorFlow's Select and fused op instead (paired)."
+        " Update / ordinary = median step with a prune-and-grow update "
         "(update_interval=1) / median sparse step without; share = (ratio - "
         "1) / 100. Its selections run the compiled op of "
         "`keras_freetickets.native` when it is built (not under XLA); the "

@@ -86,4 +86,10 @@ def test_quick_run_writes_report(tmp_path):
     markdown = (tmp_path / "speed.md").read_text()
     assert "| FMNIST-MLP v1 | no |" in markdown
     assert "sparse with Keras's SGD update / sparse" in markdown
+    # With the compiled library built (setup.sh builds it), the ordinary
+    # step is timed against TensorFlow's masked update too.
+    if result["compiled_selection"]:
+        assert result["step_ms"]["sparse_tf_update"]["steps"] == 2 * steps
+        assert result["tf_update_over_sparse_paired"] > 0
+        assert "sparse with TensorFlow's masked update / sparse" in markdown
     assert markdown in proc.stdout
