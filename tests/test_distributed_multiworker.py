@@ -336,6 +336,8 @@ def test_mixin_model_trains_on_two_workers(runs):
 
 
 # ------------------------------------- cluster 2: dead worker, then restart
+# Slow (~40 s: two more 2-worker clusters); `scripts/test.sh -m slow` runs it.
+@pytest.mark.slow
 def test_dead_worker_then_restart_resumes_exactly(runs, processes,
                                                    tmp_path_factory):
     out = tmp_path_factory.mktemp("restart")
