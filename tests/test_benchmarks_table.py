@@ -2,8 +2,8 @@
 
 One end-to-end run of the script on a tiny budget (`--quick`: 1 epoch on
 2,000 images, mask updates every 4 steps) checks the JSON, the markdown and
-the README block it writes; the tfmot rows are included when the `tfmot`
-extra is installed. The README writer, the verdict and the flag resolution
+the README block it writes (marked `slow`: ~25 s); the tfmot rows are
+included when the `tfmot` extra is installed. The README writer, the verdict and the flag resolution
 are also tested on hand-built inputs.
 """
 
@@ -81,6 +81,7 @@ TFMOT_ROWS = ("tfmot_single", "tfmot_ensemble")
 
 
 @requires_fashion_mnist
+@pytest.mark.slow  # the quick run takes ~25 s
 def test_quick_run_writes_every_row_with_valid_metrics(quick_run):
     rows = quick_run["result"]["rows"]
     expected = EXPECTED_ROWS + (TFMOT_ROWS if "tfmot" in quick_run["methods"]
@@ -105,6 +106,7 @@ def test_quick_run_writes_every_row_with_valid_metrics(quick_run):
 
 
 @requires_fashion_mnist
+@pytest.mark.slow  # the quick run takes ~25 s
 def test_quick_run_density_and_flops(quick_run):
     rows = quick_run["result"]["rows"]
     assert rows["dense"]["density"] == pytest.approx(1.0)
@@ -144,6 +146,7 @@ def test_quick_run_density_and_flops(quick_run):
 
 
 @requires_fashion_mnist
+@pytest.mark.slow  # the quick run takes ~25 s
 def test_quick_run_mask_overlap_shows_distinct_members(quick_run):
     rows = quick_run["result"]["rows"]
     for key in ("dst_ensemble", "edst_ensemble"):
@@ -158,6 +161,7 @@ def test_quick_run_mask_overlap_shows_distinct_members(quick_run):
 
 
 @requires_fashion_mnist
+@pytest.mark.slow  # the quick run takes ~25 s
 def test_quick_run_verdict_matches_numbers(quick_run):
     rows = quick_run["result"]["rows"]
     checks = quick_run["result"]["verdict"]["checks"]
@@ -176,6 +180,7 @@ def test_quick_run_verdict_matches_numbers(quick_run):
 
 
 @requires_fashion_mnist
+@pytest.mark.slow  # the quick run takes ~25 s
 def test_quick_run_markdown_and_readme(quick_run):
     text = quick_run["markdown"]
     assert "| method | acc | member acc | NLL | ECE |" in text
@@ -195,6 +200,7 @@ def test_quick_run_markdown_and_readme(quick_run):
 
 
 @requires_fashion_mnist
+@pytest.mark.slow  # the quick run takes ~25 s
 def test_render_only_rewrites_the_same_markdown_from_json(quick_run):
     md = quick_run["out"] / "fmnist_mlp_v1_quick.md"
     md.write_text("stale")

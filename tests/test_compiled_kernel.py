@@ -18,9 +18,15 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import compiled_kernel  # noqa: E402
 
-pytestmark = pytest.mark.skipif(
-    compiled_kernel.compiler() is None, reason="no C++ compiler (g++) here"
-)
+# Slow: building the benchmark's kernel takes ~12 s and the module ~26 s; it
+# is the benchmark's, not the library's (`scripts/test.sh -m slow` runs it).
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        compiled_kernel.compiler() is None,
+        reason="no C++ compiler (g++) here",
+    ),
+]
 RTOL = 1e-5  # relative to the largest magnitude of the dense result
 
 
