@@ -3,8 +3,8 @@
 One end-to-end run of the script on a tiny budget (`--quick`: 1 epoch on
 2,000 images, mask updates every 4 steps) checks the JSON, the markdown and
 the README block it writes (marked `slow`: ~25 s); the tfmot rows are
-included when the `tfmot` extra is installed. The README writer, the verdict and the flag resolution
-are also tested on hand-built inputs.
+included when the `tfmot` extra is installed. The README writer, the verdict
+and the flag resolution are also tested on hand-built inputs.
 """
 
 import importlib.util

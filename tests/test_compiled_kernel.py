@@ -154,7 +154,6 @@ def test_a_failed_build_names_the_cause_and_leaves_nothing(tmp_path, monkeypatch
     assert list(out.iterdir()) == []
 
 
-@pytest.mark.slow
 def test_results_do_not_depend_on_the_thread_count(tmp_path):
     """The same products, bit for bit, with 1 and with 2 intra-op threads
     (the thread pool binds a process, so each runs in a child)."""
