@@ -236,6 +236,7 @@ def test_compiled_is_refused_where_the_op_is_off():
         == [[members[0].layers[0].name, members[0].layers[1].name, members[0].layers[2].name]]
 
 
+@pytest.mark.slow  # ~15-20 s: the build command in a child process
 def test_a_failed_convolution_build_does_not_fail_the_command(tmp_path, monkeypatch,
                                                                 capsys):
     monkeypatch.setenv("KFT_NATIVE_DIR", str(tmp_path / "cache"))
