@@ -31,7 +31,7 @@ EXTRAS = {
     "cpu": ["tensorflow-cpu>=2.16"],
     # TensorFlow backend with the CUDA libraries from pip.
     "gpu": ["tensorflow[and-cuda]>=2.16"],
-    "test": ["pytest", "hypothesis", "scikit-learn", "matplotlib"],
+    "test": ["pytest", "pytest-xdist", "hypothesis", "scikit-learn", "matplotlib"],
     "datasets": ["tensorflow-datasets", "scikit-learn"],
     "plots": ["matplotlib"],
     # Peer baseline (tfmot pruning). tf-keras depends on the full `tensorflow`

@@ -4,18 +4,32 @@
 #   bash scripts/test.sh                  # everything
 #   bash scripts/test.sh -m "not slow"    # extra arguments go to pytest
 #   bash scripts/test.sh tests/test_distributions.py -x
+#   KFT_TEST_WORKERS=0 bash scripts/test.sh   # pytest in one process
 #
 # Bazel (when installed) runs first: `bazel query //...`, then `bazel test`
 # of the py_test targets whose tags match KFT_BAZEL_TAG_FILTERS (default
 # `pure_python`: the fast modules; set it to `tensorflow` or `pytest` for
 # more). KFT_SKIP_BAZEL=1 skips Bazel. A Bazel that cannot start on this
 # machine is reported and skipped; a failing query or test fails the run.
+# pytest runs the test files on KFT_TEST_WORKERS processes (default 2, through
+# pytest-xdist, one file per process at a time so that module fixtures run
+# once): the suite spends most of its time in one Python thread, so two
+# processes on two cores take about half the time. 0 or 1 runs one process,
+# and so does an explicit `-n`/`-p no:xdist` among the arguments (theirs wins).
 # The exit status is non-zero when any step fails, and pytest's own "no tests
 # ran" status (5) counts as a failure.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
+
+# Checked before the setup and the Bazel checks, which take minutes.
+workers="${KFT_TEST_WORKERS:-2}"
+if ! [[ "$workers" =~ ^[0-9]+$ || "$workers" == auto ]]; then
+  echo "[test] ERROR: KFT_TEST_WORKERS must be a whole number of processes" \
+       "or 'auto'. Received: KFT_TEST_WORKERS=$workers" >&2
+  exit 2
+fi
 
 bash scripts/setup.sh
 
@@ -60,6 +74,19 @@ for arg in "$@"; do
 done
 if [[ "$has_path" == 0 ]]; then
   pytest_args=(tests "$@")
+fi
+own_workers=0
+for arg in "$@"; do
+  case "$arg" in
+    -n|-n*|--numprocesses|--numprocesses=*|no:xdist|-pno:xdist) own_workers=1 ;;
+  esac
+done
+if [[ "$own_workers" == 0 && "$workers" != 0 && "$workers" != 1 ]]; then
+  if .venv/bin/python -c "import xdist" 2>/dev/null; then
+    pytest_args+=(-n "$workers" --dist loadfile)
+  else
+    echo "[test] pytest-xdist is not installed: pytest runs in one process"
+  fi
 fi
 
 echo "[test] .venv/bin/python -m pytest -q ${pytest_args[*]}"
