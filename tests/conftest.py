@@ -5,6 +5,7 @@ Keras. Keras itself is imported lazily, so that test modules of the pure-numpy
 parts of the library never pay for importing TensorFlow.
 """
 
+import contextlib
 import os
 import pathlib
 import sys
@@ -80,3 +81,65 @@ def subprocess_env(intra_op_threads=2):
         ),
     )
     return env
+
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+# The modules of the scripts that tests load in-process: each defines its
+# flags in absl's one global FLAGS.
+SCRIPT_MODULES = frozenset(
+    path.stem for folder in ("benchmarks", "examples")
+    for path in (REPO / folder).glob("*.py")
+)
+
+
+@contextlib.contextmanager
+def script_flags_scope():
+    """Runs the block with absl's FLAGS free of the scripts' flags.
+
+    A script defines its flags once per process, and two scripts may define
+    one name differently (`--epochs` in examples/common.py and in
+    benchmarks/fmnist_table.py). pytest-xdist runs a process's test files in
+    any order, so a test module that loads a script in-process does it in
+    this scope: inside it, FLAGS holds no flag of a script loaded before it
+    and those scripts' modules are out of `sys.modules`, so the block's
+    scripts import afresh (modules without flags, such as benchkit, stay);
+    on exit, the block's flags and flag-defining modules are removed and
+    the earlier ones restored.
+    """
+    from absl import flags
+
+    fv = flags.FLAGS
+
+    def script_flags():
+        by_module = fv.flags_by_module_dict()
+        return {module: [(flag, fv.find_module_id_defining_flag(flag.name))
+                         for flag in by_module[module]]
+                for module in by_module if module in SCRIPT_MODULES}
+
+    def remove(by_module):
+        for flag_list in by_module.values():
+            for flag, _ in flag_list:
+                for name in (flag.name, flag.short_name):
+                    if name is not None and name in fv:
+                        delattr(fv, name)
+
+    def drop_modules(by_module):
+        return {name: sys.modules.pop(name) for name in by_module
+                if name in sys.modules}
+
+    saved_flags = script_flags()
+    remove(saved_flags)
+    saved_modules = drop_modules(saved_flags)
+    try:
+        yield
+    finally:
+        own_flags = script_flags()
+        remove(own_flags)
+        drop_modules(own_flags)
+        for module, flag_list in saved_flags.items():
+            for flag, module_id in flag_list:
+                fv[flag.name] = flag
+                fv.register_flag_by_module(module, flag)
+                if module_id is not None:
+                    fv.register_flag_by_module_id(module_id, flag)
+        sys.modules.update(saved_modules)

@@ -21,6 +21,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 
 from conftest import fashion_mnist_available
+from conftest import script_flags_scope
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 BENCHMARKS = REPO / "benchmarks"
@@ -177,7 +178,9 @@ def test_corruption_arguments_are_checked():
 # ------------------------------------------------------------- ablations
 @pytest.fixture(scope="module")
 def ablations():
-    return _load("ablations")
+    # ablations.py and the fmnist_table.py it imports define absl flags.
+    with script_flags_scope():
+        yield _load("ablations")
 
 
 def test_budgets_and_arguments(ablations):

@@ -19,16 +19,14 @@ import pytest
 
 from conftest import fashion_mnist_available
 from conftest import requires_fashion_mnist
+from conftest import script_flags_scope
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "fmnist_table.py"
 
 
 def _load_script():
-    # The module defines absl flags, which may be defined once per process:
-    # reuse it when another test module (test_ablations) already loaded it.
-    if "fmnist_table" in sys.modules:
-        return sys.modules["fmnist_table"]
+    # Called inside script_flags_scope: the module defines absl flags.
     # Its first import is benchmarks/benchkit.py, found beside it.
     if str(SCRIPT.parent) not in sys.path:
         sys.path.append(str(SCRIPT.parent))
@@ -41,7 +39,8 @@ def _load_script():
 
 @pytest.fixture(scope="module")
 def table():
-    return _load_script()
+    with script_flags_scope():
+        yield _load_script()
 
 
 def _tfmot_installed():
@@ -312,3 +311,38 @@ def test_resolve_config_follows_the_protocols(table):
         table.resolve_config(_Flags(methods=["dense", "lottery"]))
     with pytest.raises(ValueError, match="train_examples"):
         table.resolve_config(_Flags(train_examples=60_000))
+
+
+def test_its_flags_and_the_examples_share_a_process_in_either_order():
+    """Both define `--epochs` (and more) differently; a pytest-xdist worker
+    may load the examples first. script_flags_scope gives each loader its
+    own flags and puts the earlier ones back."""
+    from absl import flags
+
+    def load_common():
+        spec = importlib.util.spec_from_file_location(
+            "common", REPO / "examples" / "common.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["common"] = module
+        spec.loader.exec_module(module)
+        module.define("epochs")
+        return module
+
+    before = "epochs" in flags.FLAGS
+    with script_flags_scope():
+        assert "epochs" not in flags.FLAGS
+        load_common()
+        examples_epochs = flags.FLAGS["epochs"]
+        assert examples_epochs.default == 30
+        with script_flags_scope():
+            assert "epochs" not in flags.FLAGS
+            assert "common" not in sys.modules
+            module = _load_script()
+            assert flags.FLAGS["epochs"].default is None
+            assert flags.FLAGS.find_module_defining_flag("epochs") == "fmnist_table"
+            assert module.FLAGS is flags.FLAGS
+        assert flags.FLAGS["epochs"] is examples_epochs
+        assert flags.FLAGS.find_module_defining_flag("epochs") == "common"
+        assert "fmnist_table" not in sys.modules and "common" in sys.modules
+    assert "common" not in sys.modules
+    assert ("epochs" in flags.FLAGS) == before

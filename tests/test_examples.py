@@ -29,6 +29,7 @@ import numpy as np
 import pytest
 
 from conftest import requires_fashion_mnist
+from conftest import script_flags_scope
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -46,27 +47,28 @@ def scripts():
     """The example modules, imported with examples/ on sys.path."""
     pytest.importorskip("tensorflow_datasets")
     pytest.importorskip("matplotlib")
-    sys.path.insert(0, str(EXAMPLES))
-    try:
-        import evaluate
-        import export
-        import train_dst_ensemble
-        import train_edst_ensemble
+    with script_flags_scope():
+        sys.path.insert(0, str(EXAMPLES))
+        try:
+            import evaluate
+            import export
+            import train_dst_ensemble
+            import train_edst_ensemble
 
-        yield {"edst": train_edst_ensemble, "dst": train_dst_ensemble,
-               "evaluate": evaluate, "export": export}
-    finally:
-        sys.path.remove(str(EXAMPLES))
-        from absl import flags
+            yield {"edst": train_edst_ensemble, "dst": train_dst_ensemble,
+                   "evaluate": evaluate, "export": export}
+        finally:
+            sys.path.remove(str(EXAMPLES))
+            from absl import flags
 
-        flags.FLAGS.unparse_flags()
-        # The scripts' helper modules have plain names (data, models...):
-        # keep them out of the other test modules' way.
-        for name, module in list(sys.modules.items()):
-            if os.path.dirname(getattr(module, "__file__", None) or "") == str(
-                EXAMPLES
-            ):
-                del sys.modules[name]
+            flags.FLAGS.unparse_flags()
+            # The scripts' helper modules have plain names (data, models...):
+            # keep them out of the other test modules' way.
+            for name, module in list(sys.modules.items()):
+                if os.path.dirname(getattr(module, "__file__", None) or "") == str(
+                    EXAMPLES
+                ):
+                    del sys.modules[name]
 
 
 def run_main(module, args):
