@@ -15,7 +15,8 @@
 # pytest-xdist, one file per process at a time so that module fixtures run
 # once): the suite spends most of its time in one Python thread, so two
 # processes on two cores take about half the time. 0 or 1 runs one process,
-# and so does an explicit `-n`/`-p no:xdist` among the arguments (theirs wins).
+# and so does an explicit `-n`/`-p no:xdist` among the arguments (theirs
+# wins), or `--pdb`, `--trace`, `-s` (they need the test in this terminal).
 # The exit status is non-zero when any step fails, and pytest's own "no tests
 # ran" status (5) counts as a failure.
 set -euo pipefail
@@ -79,6 +80,8 @@ own_workers=0
 for arg in "$@"; do
   case "$arg" in
     -n|-n*|--numprocesses|--numprocesses=*|no:xdist|-pno:xdist) own_workers=1 ;;
+    # The debugger and live output need the test in this terminal's process.
+    --pdb|--trace|-s|--capture=no) own_workers=1 ;;
   esac
 done
 if [[ "$own_workers" == 0 && "$workers" != 0 && "$workers" != 1 ]]; then
