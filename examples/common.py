@@ -302,7 +302,11 @@ def define(*names, **defaults):
         "list": flags.DEFINE_list,
     }
     for name in names:
-        if name in FLAGS:  # defined by a script imported earlier
+        # Defined here for a script imported earlier: share it. A flag of
+        # the same name from any other module falls through, and absl
+        # raises DuplicateFlagError naming both modules, rather than the
+        # script running with another module's definition.
+        if name in FLAGS and FLAGS.find_module_defining_flag(name) == __name__:
             continue
         spec = FLAG_SPECS[name]
         default = defaults.get(name, spec["default"])

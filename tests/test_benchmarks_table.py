@@ -346,3 +346,10 @@ def test_its_flags_and_the_examples_share_a_process_in_either_order():
         assert "fmnist_table" not in sys.modules and "common" in sys.modules
     assert "common" not in sys.modules
     assert ("epochs" in flags.FLAGS) == before
+    # Without the scope the examples refuse fmnist_table's --epochs rather
+    # than run with it.
+    with script_flags_scope():
+        _load_script()
+        with pytest.raises(flags.DuplicateFlagError,
+                           match="epochs.*fmnist_table.*common"):
+            load_common()
