@@ -55,6 +55,30 @@ def parse_models(values, flag="models"):
     return models
 
 
+def parse_threads(values, flag="threads"):
+    """{label: None (TensorFlow's default) or (intra, inter)} from a list of
+    thread settings ('default' or INTRA:INTER), in order; a usage error
+    names a bad entry or an empty list."""
+    settings = {}
+    for value in (v.strip() for v in values):
+        if not value:
+            continue
+        if value == "default":
+            settings[value] = None
+            continue
+        parts = value.split(":")
+        pools = [int(p) if p.isascii() and p.isdigit() else 0 for p in parts]
+        if len(pools) != 2 or 0 in pools:
+            raise _usage_error(
+                f"Flag --{flag} must list 'default' or INTRA:INTER with "
+                f"positive integers, such as 1:2. Received: {value!r}"
+            )
+        settings[value] = tuple(pools)
+    if not settings:
+        raise _usage_error(f"Flag --{flag} must name at least one setting.")
+    return settings
+
+
 def require_at_least(flag_values, names, minimum=1):
     """A usage error for the first flag of `names` below `minimum`."""
     for name in names:
@@ -78,11 +102,36 @@ def machine_description():
                     break
     except OSError:
         pass
+    caches = cache_sizes()
+    if caches:
+        model = f"{model}; {caches}"
     try:
         load = f", 1-minute load average {os.getloadavg()[0]:.1f} at the start"
     except OSError:
         load = ""
     return f"{os.cpu_count()}-core CPU ({model}){load}"
+
+
+def cache_sizes(root="/sys/devices/system/cpu/cpu0/cache"):
+    """'L1d 48 KiB, L2 2 MiB, L3 260 MiB': the data and unified caches the
+    first CPU sees (Linux's sysfs), or '' where they cannot be read. Batch-1
+    times depend on them: a kernel that fits in L2 is read several times
+    faster than one that does not."""
+    found = []
+    for index in sorted(pathlib.Path(root).glob("index*")):
+        try:
+            level = (index / "level").read_text().strip()
+            kind = (index / "type").read_text().strip()
+            size = (index / "size").read_text().strip()
+        except OSError:
+            continue
+        if kind == "Instruction" or not size[:-1].isdigit() or size[-1] not in "KM":
+            continue
+        kib = int(size[:-1]) * (1024 if size[-1] == "M" else 1)
+        text = f"{kib // 1024} MiB" if kib % 1024 == 0 else f"{kib} KiB"
+        found.append((int(level) if level.isdigit() else 0,
+                       f"L{level}{'d' if kind == 'Data' else ''} {text}"))
+    return ", ".join(name for _, name in sorted(found))
 
 
 def cpu_times(stat_text):
@@ -157,6 +206,28 @@ def report_header(benchmark, protocols, library_path=False):
         header["library_path"] = str(pathlib.Path(kft.__file__).parent)
     header["command"] = command_line(benchmark)
     return header
+
+
+def run_child(script, spec, marker):
+    """Runs `script` (a path) with `--child=<spec as JSON>` in a fresh Python
+    process and returns the JSON it printed after `marker` on its last such
+    line; a failure raises with the child's stderr. For settings that bind a
+    whole process (TensorFlow's thread pools) and for processes that must
+    not import the library."""
+    import subprocess
+
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    proc = subprocess.run(
+        [sys.executable, str(script), f"--child={json.dumps(spec)}"],
+        capture_output=True, text=True, env=env, check=False,
+    )
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(marker + " ")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(
+            f"{pathlib.Path(script).name} child failed (rc={proc.returncode}):\n"
+            f"{proc.stderr[-3000:]}"
+        )
+    return json.loads(lines[-1][len(marker) + 1:])
 
 
 def environment_info(script, argv=None, shared=False):

@@ -37,10 +37,8 @@ TF_CPP_MIN_LOG_LEVEL=2 .venv/bin/python benchmarks/serving_latency.py \
 """
 
 import json
-import os
 import pathlib
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -83,27 +81,7 @@ flags.DEFINE_bool("quick", False, "Smoke run: 2 rounds of 5 calls.")
 flags.DEFINE_string("child", None, "Internal: JSON spec of a timing run.")
 
 
-def parse_threads(values):
-    """{label: None (TensorFlow's default) or (intra, inter)} from a
-    `--threads` list, in order; a usage error names a bad entry."""
-    settings = {}
-    for value in (v.strip() for v in values):
-        if not value:
-            continue
-        if value == "default":
-            settings[value] = None
-            continue
-        parts = value.split(":")
-        pools = [int(p) if p.isascii() and p.isdigit() else 0 for p in parts]
-        if len(pools) != 2 or 0 in pools:
-            raise app.UsageError(
-                "Flag --threads must list 'default' or INTRA:INTER with "
-                f"positive integers, such as 1:2. Received: {value!r}"
-            )
-        settings[value] = tuple(pools)
-    if not settings:
-        raise app.UsageError("Flag --threads must name at least one setting.")
-    return settings
+parse_threads = benchkit.parse_threads
 
 
 def parse_kernel_modes(values):
@@ -247,21 +225,13 @@ def child_main(spec):
 
 def time_in_child(name, paths, rounds, calls, threads=None):
     shape = (784,) if name == "mlp" else (28, 28, 1)
-    spec = json.dumps(dict(paths=paths, input_shape=shape, batches=list(BATCHES),
-                           rounds=rounds, calls=calls, threads=threads))
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     # The child runs this file with only --child: its imports are absl,
     # the standard library, numpy and TensorFlow.
-    proc = subprocess.run(
-        [sys.executable, str(pathlib.Path(__file__).resolve()), f"--child={spec}"],
-        capture_output=True, text=True, env=env, check=False,
-    )
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("LATENCY_JSON ")]
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(
-            f"Serving child failed (rc={proc.returncode}):\n{proc.stderr[-3000:]}"
-        )
-    return json.loads(lines[-1][len("LATENCY_JSON "):])
+    return benchkit.run_child(
+        pathlib.Path(__file__).resolve(),
+        dict(paths=paths, input_shape=shape, batches=list(BATCHES),
+             rounds=rounds, calls=calls, threads=threads),
+        "LATENCY_JSON")
 
 
 # ----------------------------------------------------------------- report

@@ -1,5 +1,6 @@
-"""benchkit's CPU steal reading: what every speed report adds about the
-machine's other guests (no TensorFlow here)."""
+"""benchkit's machine readings and shared flag parsing: the CPU steal and
+the cache sizes every speed report adds about its machine, and the thread
+settings the serving scripts take (no TensorFlow here)."""
 
 import json
 import pathlib
@@ -68,3 +69,39 @@ def test_write_report_says_which_selection_ops_ran(tmp_path, monkeypatch,
     assert text.startswith("# Z\n- Mask-update selections: ")
     assert ("the compiled op (`keras_freetickets.native`)" in text) == in_use
     assert ("TensorFlow's ops" in text) != in_use
+
+
+def _cache(root, index, level, kind, size):
+    folder = root / f"index{index}"
+    folder.mkdir(parents=True)
+    (folder / "level").write_text(f"{level}\n")
+    (folder / "type").write_text(f"{kind}\n")
+    (folder / "size").write_text(f"{size}\n")
+
+
+def test_cache_sizes_names_the_data_and_unified_caches_in_level_order(tmp_path):
+    _cache(tmp_path, 3, 3, "Unified", "266240K")
+    _cache(tmp_path, 0, 1, "Data", "48K")
+    _cache(tmp_path, 1, 1, "Instruction", "32K")
+    _cache(tmp_path, 2, 2, "Unified", "2048K")
+    assert benchkit.cache_sizes(tmp_path) == "L1d 48 KiB, L2 2 MiB, L3 260 MiB"
+
+
+def test_cache_sizes_skips_what_it_cannot_read(tmp_path):
+    assert benchkit.cache_sizes(tmp_path / "absent") == ""
+    _cache(tmp_path, 0, 2, "Unified", "big")
+    _cache(tmp_path, 1, 3, "Unified", "1M")
+    (tmp_path / "index2").mkdir()  # no files
+    assert benchkit.cache_sizes(tmp_path) == "L3 1 MiB"
+
+
+def test_parse_threads_keeps_the_order_and_names_a_bad_entry():
+    assert benchkit.parse_threads([" 1:2", "default", ""]) == {
+        "1:2": (1, 2), "default": None}
+    for bad in ("2", "0:2", "1:x", "1:2:3", "1:\u00b2", "-1:2"):
+        with pytest.raises(Exception, match=(
+                r"Flag --threads must list 'default' or INTRA:INTER with positive "
+                rf"integers, such as 1:2. Received: '{bad}'")):
+            benchkit.parse_threads(["default", bad])
+    with pytest.raises(Exception, match="Flag --pools must name at least one setting."):
+        benchkit.parse_threads([" "], flag="pools")
