@@ -54,6 +54,15 @@ def test_bad_flags_fail_before_tensorflow_loads():
         assert proc.returncode != 0
         assert ("Flag --sparsity must be in (0, 1). Received: "
                 f"{float(bad)}") in proc.stderr
+    for bad in ("30y", "300x0", "x3", "300x3x2", "0"):
+        proc = _run("batch1_products.py", f"--kernels=300,{bad}", timeout=60)
+        assert proc.returncode != 0
+        assert ("Flag --kernels must list N or NxC with positive integers, such "
+                f"as 300 or 300x3. Received: '{bad}'") in proc.stderr
+    proc = _run("batch1_products.py", "--threads=1:2,2", timeout=60)
+    assert "Received: '2'" in proc.stderr and proc.returncode != 0
+    proc = _run("batch1_products.py", "--inputs=0", timeout=60)
+    assert "Flag --inputs must be >= 1. Received: 0" in proc.stderr
 
 
 @pytest.fixture(scope="module")
@@ -182,6 +191,32 @@ def test_serving_latency_quick_run_never_imports_the_library(tmp_path):
     assert report["settings"]["kernel_modes"] == ["rebuild", "sparse_matmul"]
     assert report["settings"]["sparsity"] == 0.8
     assert "fastest setting" in markdown
+
+
+@pytest.mark.slow
+def test_batch1_products_quick_run_reports_each_set_against_the_no_op(tmp_path):
+    proc = _run("batch1_products.py", "--quick", "--kernels=300,300x2,300",
+                "--inputs=64", "--threads=1:1,default", f"--out={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "batch1_products.json").read_text())
+    markdown = (tmp_path / "batch1_products.md").read_text()
+    _check_header(report, markdown, "batch1_products")
+    assert report["settings"]["kernels"] == ["64x300", "2 x 64x300"]  # no repeat
+    assert list(report["results"]) == ["1:1", "default"]
+    assert report["results"]["1:1"]["threads_in_effect"] == [1, 1]
+    assert report["results"]["default"]["threads_in_effect"] == [0, 0]
+    for result in report["results"].values():
+        rows = result["rows"]
+        assert [r["kernels"] for r in rows] == ["64x300", "2 x 64x300"]
+        assert [r["mb"] for r in rows] == [pytest.approx(4 * 64 * 300 / 1e6),
+                                           pytest.approx(2 * 4 * 64 * 300 / 1e6)]
+        for r in rows:
+            assert r["over_noop_us"] == pytest.approx(r["p50_us"] - result["noop_us"])
+            if r["over_noop_us"] > 0:
+                assert r["gb_per_s"] == pytest.approx(r["mb"] * 1e3 / r["over_noop_us"])
+            else:
+                assert r["gb_per_s"] is None
+    assert "| 2 x 64x300 | 0.15 |" in markdown
 
 
 @pytest.mark.slow
