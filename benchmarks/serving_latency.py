@@ -18,6 +18,10 @@ rounds). Reported: p50 and p99 of the request latency per model and batch,
 and the p50 ratio of each ensemble to the dense member. The weights are
 random: the figures are about time, not accuracy.
 
+`--floor` adds a model of one Dense(10) layer on the flattened input,
+exported the same way: its request is the fixed cost every variant pays,
+and the report gives the members' own work at batch 1 less it.
+
 `--threads` times the same SavedModels under several TensorFlow thread
 settings, one child process each (the settings bind a whole process):
 `default` is TensorFlow's own (a thread per core for both pools), `I:J`
@@ -56,6 +60,8 @@ SPARSITY = 0.8  # the protocols'; issue 11's target is read there only
 BATCHES = (1, 64)
 TARGET_P50_RATIO_BATCH_1 = 1.5  # M = 3 over one dense member, at most
 VARIANTS = ("dense member", "M = 3 per member", "M = 3 batched")
+# `--floor`'s variant: what a request costs beyond the members' own work.
+FLOOR = "floor: one Dense(10)"
 # export.KERNEL_MODES, here so that the flags are checked before TensorFlow
 # loads (a test keeps the two equal). The first is the export's default.
 KERNEL_MODES = ("rebuild", "rebuild_variables", "sparse_matmul")
@@ -77,6 +83,13 @@ flags.DEFINE_list(
     "kernel_modes", [],
     "Further `kernel_mode`s of the per-member M = 3 export to time, each a "
     f"row 'M = 3 per member, <mode>': {', '.join(KERNEL_MODES[1:])}.")
+flags.DEFINE_bool(
+    "floor", False,
+    f"Also time '{FLOOR}': a model of one Dense(10) layer on the flattened "
+    "input, exported the same way, whose request is the fixed cost (the "
+    "signature call, the input check, the summaries, the result's copy) that "
+    "every variant pays; the report then gives the members' own work, M = 3 "
+    "over one dense member, less it.")
 flags.DEFINE_bool("quick", False, "Smoke run: 2 rounds of 5 calls.")
 flags.DEFINE_string("child", None, "Internal: JSON spec of a timing run.")
 
@@ -109,7 +122,7 @@ def _validate_flags():
             f"Flag --sparsity must be in (0, 1). Received: {FLAGS.sparsity}"
         )
     return (models, parse_threads(FLAGS.threads),
-            parse_kernel_modes(FLAGS.kernel_modes), FLAGS.sparsity)
+            parse_kernel_modes(FLAGS.kernel_modes), FLAGS.sparsity, FLAGS.floor)
 
 
 # ------------------------------------------------------------------ export
@@ -136,9 +149,12 @@ def _sparsify(model, sparsity, seed):
     return model
 
 
-def export_models(name, work, kernel_modes=(), sparsity=SPARSITY):
-    """Exports the variants; returns {variant: path}, in `VARIANTS` order
-    and then one 'M = 3 per member, <mode>' per extra kernel mode."""
+def export_models(name, work, kernel_modes=(), sparsity=SPARSITY, floor=False):
+    """Exports the variants; returns {variant: path}, in `VARIANTS` order,
+    then one 'M = 3 per member, <mode>' per extra kernel mode and, with
+    `floor`, the `FLOOR` model."""
+    import keras
+
     from keras_freetickets.ensemble import FreeTicketsEnsemble
 
     dense = protocols.build_model(name, seed=100)
@@ -154,6 +170,13 @@ def export_models(name, work, kernel_modes=(), sparsity=SPARSITY):
         (f"{VARIANTS[1]}, {mode}", per_member, dict(kernel_mode=mode))
         for mode in kernel_modes
     ]
+    if floor:
+        head = dense.layers[-1]
+        model = keras.Sequential([
+            keras.Input(dense.input_shape[1:]), keras.layers.Flatten(),
+            keras.layers.Dense(head.units, activation=head.activation),
+        ])
+        exports.append((FLOOR, FreeTicketsEnsemble([model]), {}))
     paths = {}
     for index, (label, ensemble, kwargs) in enumerate(exports):
         path = work / f"{name}_{index}" / "1"
@@ -236,9 +259,22 @@ def time_in_child(name, paths, rounds, calls, threads=None):
 
 # ----------------------------------------------------------------- report
 def _mark(batch, label, ratio, sparsity=SPARSITY):
-    if batch != "1" or label == "dense member" or sparsity != SPARSITY:
+    if batch != "1" or not label.startswith("M = 3") or sparsity != SPARSITY:
         return ""
     return " yes" if ratio <= TARGET_P50_RATIO_BATCH_1 else " NO"
+
+
+def members_work(rows):
+    """(M = 3 per member less the floor) / (dense member less the floor)
+    from one batch's p50s, or None without a floor or when the dense member
+    is not above it."""
+    if FLOOR not in rows:
+        return None
+    floor = rows[FLOOR]["p50_ms"]
+    one = rows["dense member"]["p50_ms"] - floor
+    if one <= 0:
+        return None
+    return (rows["M = 3 per member"]["p50_ms"] - floor) / one
 
 
 def fastest_settings(by_threads):
@@ -328,11 +364,34 @@ def render_markdown(report):
                     f"| {row['p50_ms']:.3f} | {row['ratio']:.2f}"
                     f"{_mark(batch, label, row['ratio'], sparsity)} |"
                 )
+    work = [
+        (r["protocol"], setting, rows, members_work(rows))
+        for r in report["results"]
+        for setting, timing in r["by_threads"].items()
+        for rows in [timing["latency"]["1"]] if FLOOR in rows
+    ]
+    if work:
+        lines += [
+            "",
+            f"The members' own work at batch 1: each p50 less the floor's "
+            f"(`{FLOOR}`, the fixed cost of a request), within one serving process:",
+            "",
+            "| model | threads | floor ms | dense member less the floor ms "
+            "| M = 3 per member less the floor ms | M = 3 work / one member's work |",
+            "|---|---|---|---|---|---|",
+        ]
+        for protocol, setting, rows, ratio in work:
+            base = rows[FLOOR]["p50_ms"]
+            lines.append(
+                f"| {protocol} | {setting} | {base:.3f} "
+                f"| {rows['dense member']['p50_ms'] - base:.3f} "
+                f"| {rows['M = 3 per member']['p50_ms'] - base:.3f} "
+                f"| {'-' if ratio is None else f'{ratio:.2f}'} |")
     lines.append("")
     return "\n".join(lines)
 
 
-def run_benchmark(models, threads, kernel_modes=(), sparsity=SPARSITY):
+def run_benchmark(models, threads, kernel_modes=(), sparsity=SPARSITY, floor=False):
     import keras
     import tensorflow as tf
 
@@ -347,7 +406,7 @@ def run_benchmark(models, threads, kernel_modes=(), sparsity=SPARSITY):
     work = pathlib.Path(tempfile.mkdtemp(prefix="kft_serving_"))
     try:
         for name in models:
-            paths = export_models(name, work, kernel_modes, sparsity)
+            paths = export_models(name, work, kernel_modes, sparsity, floor)
             keras.backend.clear_session()
             by_threads = {}
             for setting, pools in threads.items():
@@ -380,7 +439,7 @@ def run_benchmark(models, threads, kernel_modes=(), sparsity=SPARSITY):
         settings=dict(num_members=NUM_MEMBERS, sparsity=sparsity,
                       kernel_modes=[KERNEL_MODES[0], *kernel_modes],
                       batches=list(BATCHES), rounds=rounds, calls=calls,
-                      threads=list(threads), quick=FLAGS.quick),
+                      threads=list(threads), floor=floor, quick=FLAGS.quick),
         target=dict(p50_ratio_batch_1=TARGET_P50_RATIO_BATCH_1),
         results=results,
         wall_seconds=time.time() - start,

@@ -85,7 +85,16 @@ def serving_helpers():
             }}}
 
         mark = serving_latency._mark
+        floor = serving_latency.FLOOR
+        row = lambda p50: dict(p50_ms=p50, p99_ms=2 * p50, requests=1)
         print(json.dumps(dict(
+            work=[serving_latency.members_work(rows) for rows in (
+                {"dense member": row(0.5), "M = 3 per member": row(1.1),
+                 floor: row(0.3)},
+                {"dense member": row(0.5), "M = 3 per member": row(1.1)},
+                {"dense member": row(0.3), "M = 3 per member": row(1.1),
+                 floor: row(0.3)},
+            )],
             fastest=serving_latency.fastest_settings({
                 "default": timing(2.0, 3.0, 5.0, 1.5),
                 "1:2": timing(1.0, 4.0, 2.5, 6.0),
@@ -95,7 +104,8 @@ def serving_helpers():
                    mark("1", "M = 3 per member", 1.51),
                    mark("64", "M = 3 per member", 1.2),
                    mark("1", "dense member", 1.0),
-                   mark("1", "M = 3 per member", 1.2, sparsity=0.9)],
+                   mark("1", "M = 3 per member", 1.2, sparsity=0.9),
+                   mark("1", floor, 0.7)],
         )))
     """)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True,
@@ -120,7 +130,14 @@ def test_serving_target_marked_at_batch_1_and_the_protocols_sparsity_only(
     # The flags are checked against a copy of the export's modes.
     modes, export_modes = serving_helpers["kernel_modes"]
     assert modes == export_modes
-    assert serving_helpers["marks"] == [" yes", " NO", "", "", ""]
+    assert serving_helpers["marks"] == [" yes", " NO", "", "", "", ""]
+
+
+def test_members_work_is_measured_above_the_floor(serving_helpers):
+    # (1.1 - 0.3) / (0.5 - 0.3); none without a floor, or with a dense
+    # member no slower than it.
+    assert serving_helpers["work"][0] == pytest.approx(4.0)
+    assert serving_helpers["work"][1:] == [None, None]
 
 
 @pytest.mark.slow
@@ -165,7 +182,7 @@ def test_end_to_end_quick_run_writes_breakdown(tmp_path):
 def test_serving_latency_quick_run_never_imports_the_library(tmp_path):
     proc = _run("serving_latency.py", "--quick", "--models=mlp",
                 "--threads=default,1:1", "--kernel_modes=sparse_matmul",
-                f"--out={tmp_path}")
+                "--floor", f"--out={tmp_path}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "serving_latency.json").read_text())
     markdown = (tmp_path / "serving_latency.md").read_text()
@@ -176,7 +193,8 @@ def test_serving_latency_quick_run_never_imports_the_library(tmp_path):
     for batch in ("1", "64"):
         rows = result["latency"][batch]
         assert list(rows) == ["dense member", "M = 3 per member", "M = 3 batched",
-                              "M = 3 per member, sparse_matmul"]
+                              "M = 3 per member, sparse_matmul",
+                              "floor: one Dense(10)"]
         for row in rows.values():
             assert 0 < row["p50_ms"] <= row["p99_ms"]
     # Each thread setting ran in its own serving process, with its pools.
@@ -190,7 +208,14 @@ def test_serving_latency_quick_run_never_imports_the_library(tmp_path):
     assert "| FMNIST-MLP v1 | 1:1 | 1 | M = 3 per member, sparse_matmul |" in markdown
     assert report["settings"]["kernel_modes"] == ["rebuild", "sparse_matmul"]
     assert report["settings"]["sparsity"] == 0.8
+    assert report["settings"]["floor"] is True
     assert "fastest setting" in markdown
+    # The floor is no target row; the members' work is given above it.
+    floor_rows = [ln for ln in markdown.splitlines()
+                  if "| 1 | floor: one Dense(10) |" in ln]
+    assert len(floor_rows) == 3  # one per thread setting, one at the fastest
+    assert not any(" yes " in ln or " NO " in ln for ln in floor_rows)
+    assert "M = 3 work / one member's work" in markdown
 
 
 @pytest.mark.slow
