@@ -102,10 +102,7 @@ def child_main(spec):
     import tensorflow as tf
 
     spec = json.loads(spec)
-    if spec["threads"] is not None:
-        intra, inter = spec["threads"]
-        tf.config.threading.set_intra_op_parallelism_threads(intra)
-        tf.config.threading.set_inter_op_parallelism_threads(inter)
+    threads = benchkit.set_thread_pools(spec["threads"])
     inputs = spec["inputs"]
     rng = np.random.default_rng(0)
     signature = [tf.TensorSpec([None, inputs], tf.float32)]
@@ -140,8 +137,7 @@ def child_main(spec):
             medians[name].append(float(np.median(times)))
     print("PRODUCTS_JSON " + json.dumps(dict(
         p50_us={name: 1e6 * float(np.median(v)) for name, v in medians.items()},
-        threads=[tf.config.threading.get_intra_op_parallelism_threads(),
-                 tf.config.threading.get_inter_op_parallelism_threads()],
+        threads=threads,
         library_loaded="keras_freetickets" in sys.modules,
     )), flush=True)
 

@@ -208,6 +208,21 @@ def report_header(benchmark, protocols, library_path=False):
     return header
 
 
+def set_thread_pools(setting):
+    """Sets TensorFlow's intra-op and inter-op pools from a `parse_threads`
+    value ((intra, inter), or None for TensorFlow's default) and returns
+    the [intra, inter] in effect (0: TensorFlow's default). Call it before
+    the process's first op: TensorFlow fixes its pools then."""
+    import tensorflow as tf
+
+    if setting is not None:
+        intra, inter = setting
+        tf.config.threading.set_intra_op_parallelism_threads(intra)
+        tf.config.threading.set_inter_op_parallelism_threads(inter)
+    return [tf.config.threading.get_intra_op_parallelism_threads(),
+            tf.config.threading.get_inter_op_parallelism_threads()]
+
+
 def run_child(script, spec, marker):
     """Runs `script` (a path) with `--child=<spec as JSON>` in a fresh Python
     process and returns the JSON it printed after `marker` on its last such

@@ -200,11 +200,7 @@ def child_main(spec):
     import tensorflow as tf
 
     spec = json.loads(spec)
-    if spec["threads"] is not None:
-        # Before the first op: TensorFlow fixes its pools then.
-        intra, inter = spec["threads"]
-        tf.config.threading.set_intra_op_parallelism_threads(intra)
-        tf.config.threading.set_inter_op_parallelism_threads(inter)
+    threads = benchkit.set_thread_pools(spec["threads"])
     loaded_modules = [m for m in ("keras_freetickets", "keras") if m in sys.modules]
     signatures = {
         label: tf.saved_model.load(path).signatures["serving_default"]
@@ -240,8 +236,7 @@ def child_main(spec):
         }
     print("LATENCY_JSON " + json.dumps(dict(
         results=results, modules_loaded_at_start=loaded_modules,
-        threads=[tf.config.threading.get_intra_op_parallelism_threads(),
-                 tf.config.threading.get_inter_op_parallelism_threads()],
+        threads=threads,
         keras_loaded_after=("keras" in sys.modules),
     )), flush=True)
 
