@@ -54,6 +54,13 @@ def test_bad_flags_fail_before_tensorflow_loads():
         assert proc.returncode != 0
         assert ("Flag --sparsity must be in (0, 1). Received: "
                 f"{float(bad)}") in proc.stderr
+    for flag, bad, allowed in (("fit_layers", "3", "0, 1, 2"),
+                               ("cnn_fit_layers", "1,4", "0, 1, 2, 3"),
+                               ("cnn_fit_layers", "", "0, 1, 2, 3")):
+        proc = _run("sparse_kernels.py", f"--{flag}={bad}", timeout=60)
+        assert proc.returncode != 0
+        assert (f"Flag --{flag} must list places among {allowed}. "
+                f"Received: {bad!r}") in proc.stderr
     for bad in ("30y", "300x0", "x3", "300x3x2", "0"):
         proc = _run("batch1_products.py", f"--kernels=300,{bad}", timeout=60)
         assert proc.returncode != 0
