@@ -15,7 +15,9 @@ Measures, on the FMNIST-MLP v1 (784-300-100-10) and FMNIST-CNN v1 models:
    as `FreeTicketsEnsemble` does by default (eligible Conv2D layers through
    the compiled sparse convolution where `keras_freetickets.native` built
    it), and also with TensorFlow's convolution (`conv_kernels="dense"`),
-   batched, and, for the per-member cost, as one member through the op.
+   batched, and, for the per-member cost, as one member through the op;
+   and against M separate `predict` calls whose softmax is averaged in
+   NumPy (issue 11: the batched program "against M separate calls").
 3. Serving: the exported `serving_default` signature (loaded with
    `tf.saved_model.load`) of the M = 3 ensemble against a single-member
    export, and, for one member at S = 0.8, what the storage choice costs:
@@ -201,7 +203,16 @@ def interleaved(fns, repeats, warmup=1):
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+def _softmax(logits):
+    import numpy as np
+
+    z = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return z / z.sum(axis=-1, keepdims=True)
+
+
 def measure_predict(name, repeats, examples):
+    import numpy as np
+
     from keras_freetickets import native
     from keras_freetickets.ensemble import FreeTicketsEnsemble
 
@@ -217,8 +228,22 @@ def measure_predict(name, repeats, examples):
         raise RuntimeError(f"{name}: the members did not give a batched plan")
     compiled_layers = sum(len(names) for names in ensemble.compiled_conv_layers())
     x = random_inputs(name, examples)
+
+    def separate():
+        # What a user does without the library: M separate `predict` calls,
+        # then the mean of the members' softmax.
+        outputs = [m.predict(x, batch_size=BATCH_SIZE, verbose=0) for m in members]
+        if ensemble.member_output == "logits":
+            outputs = [_softmax(y) for y in outputs]
+        return np.mean(outputs, axis=0)
+
+    # The arms compute the same probabilities (float rounding apart).
+    np.testing.assert_allclose(
+        separate(), ensemble.predict(x, batch_size=BATCH_SIZE, verbose=0),
+        atol=1e-5)
     fns = {
         "member": lambda: members[0].predict(x, batch_size=BATCH_SIZE, verbose=0),
+        "separate": separate,
         "ensemble": lambda: ensemble.predict(x, batch_size=BATCH_SIZE, verbose=0),
         "tf_conv": lambda: tf_conv.predict(x, batch_size=BATCH_SIZE, verbose=0),
         "batched": lambda: batched.predict(x, batch_size=BATCH_SIZE, verbose=0),
@@ -242,6 +267,10 @@ def measure_predict(name, repeats, examples):
         batched_examples_per_s=examples / seconds["batched"],
         cost_ratio=ratio, tf_conv_cost_ratio=tf_conv_ratio,
         batched_cost_ratio=batched_ratio,
+        # Against M separate `predict` calls (and the mean of their softmax).
+        separate_cost_ratio=seconds["separate"] / seconds["member"],
+        ensemble_vs_separate=seconds["ensemble"] / seconds["separate"],
+        batched_vs_separate=seconds["batched"] / seconds["separate"],
         # The ensemble over one member that runs through the op as well.
         per_compiled_member_ratio=(
             seconds["ensemble"] / seconds["member_compiled"]
@@ -397,6 +426,23 @@ def render_markdown(report):
             f"| {_mark(r['met'])} | {r.get('tf_conv_cost_ratio', float('nan')):.2f} "
             f"| {r['batched_cost_ratio']:.2f} | {_mark(r['met_issue_11'])} "
             f"| {'n/a' if per_member is None else f'{per_member:.2f}'} |"
+        )
+    lines += [
+        "",
+        f"Against M separate calls: the {NUM_MEMBERS} members' own `predict` "
+        "calls one after another, then the mean of their softmax in NumPy "
+        "(what one does without the library; checked equal to the "
+        "ensemble's probabilities within 1e-5). Below 1: the one traced "
+        "program is faster.",
+        "",
+        "| model | M separate calls / member | ensemble / M separate calls "
+        "| batched / M separate calls |",
+        "|---|---|---|---|",
+    ]
+    for r in report["predict"]:
+        lines.append(
+            f"| {r['protocol']} | {r['separate_cost_ratio']:.2f} "
+            f"| {r['ensemble_vs_separate']:.2f} | {r['batched_vs_separate']:.2f} |"
         )
     lines += [
         "",

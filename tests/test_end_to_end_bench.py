@@ -289,3 +289,72 @@ def test_sparse_kernels_times_the_compiled_convolution_forward_only(tmp_path):
             assert "compiled" not in timing
     markdown = (tmp_path / "sparse_kernels.md").read_text()
     assert "`native.sparse_conv2d`" in markdown
+
+
+@pytest.mark.slow
+def test_end_to_end_quick_run_times_the_xla_arm_when_asked(tmp_path):
+    # --quick leaves XLA out unless --xla is given; the XLA arm then runs
+    # compiled fits with their own breakdown.
+    proc = _run("end_to_end.py", "--quick", "--models=mlp", "--xla", "--nomonitor",
+                f"--out={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "end_to_end.json").read_text())
+    assert report["settings"]["configs"] == ["default", "xla"]
+    by_jit = {r["jit_compile"]: r for r in report["results"]}
+    assert set(by_jit) == {False, True}
+    xla = by_jit[True]
+    sparse = xla["breakdown"]["sparse"]
+    assert sparse["update_steps"] >= 1
+    assert sparse["ordinary_steps"] + sparse["update_steps"] + 1 == (
+        xla["steps_per_epoch"] * xla["epochs"])
+    assert xla["wall_ratio"] > 0
+    markdown = (tmp_path / "end_to_end.md").read_text()
+    assert "| FMNIST-MLP v1 | yes | 2 | 1 |" in markdown
+
+
+@pytest.mark.slow
+def test_storage_and_inference_quick_run_times_the_ensemble_against_separate_calls(
+        tmp_path):
+    proc = _run("storage_and_inference.py", "--quick", "--models=mlp",
+                f"--out={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "storage_inference.json").read_text())
+    markdown = (tmp_path / "storage_inference.md").read_text()
+    _check_header(report, markdown, "storage_and_inference")
+    assert report["protocols"] == ["FMNIST-MLP v1", "Storage", "Ensemble inference"]
+    assert [r["sparsity"] for r in report["storage"]] == [0.8, 0.9]
+    for r in report["storage"]:
+        assert 0 < r["member_vs_dense_member"] < 1
+    (predict,) = report["predict"]
+    for key in ("cost_ratio", "batched_cost_ratio", "separate_cost_ratio"):
+        assert predict[key] > 0
+    # The ratios against M separate calls come from the same medians.
+    assert predict["ensemble_vs_separate"] == pytest.approx(
+        predict["cost_ratio"] / predict["separate_cost_ratio"])
+    assert predict["batched_vs_separate"] == pytest.approx(
+        predict["batched_cost_ratio"] / predict["separate_cost_ratio"])
+    assert (f"| FMNIST-MLP v1 | {predict['separate_cost_ratio']:.2f} "
+            f"| {predict['ensemble_vs_separate']:.2f} "
+            f"| {predict['batched_vs_separate']:.2f} |") in markdown
+    variants = {(r["batch_size"], r["variant"]) for r in report["serving"]}
+    assert {b for b, _ in variants} == {1, 1024}
+
+
+@pytest.mark.slow
+def test_selection_speed_checks_every_layer_before_timing(tmp_path):
+    proc = _run("selection_speed.py", "--models=mlp", "--rounds=1", "--calls=1",
+                "--noxla", f"--out={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "selection_speed.json").read_text())
+    markdown = (tmp_path / "selection_speed.md").read_text()
+    assert report["benchmark"] == "selection_speed"
+    assert report["command"].startswith("python benchmarks/selection_speed.py")
+    # One row for each of the MLP's three kernels (784x300, 300x100, 100x10).
+    assert sorted(r["size"] for r in report["rows"]) == [1000, 30000, 235200]
+    for r in report["rows"]:
+        assert r["xla"] is False and r["k"] >= 1
+        assert all(ms > 0 for ms in r["ms"].values())
+        assert f"| FMNIST-MLP v1 | `{r['layer']}` " in markdown
+    # The 784x300 kernel is large enough for the radix select.
+    largest = max(report["rows"], key=lambda r: r["size"])
+    assert largest["path"] in ("radix", "compiled op")
