@@ -93,3 +93,28 @@ def test_quick_run_writes_report(tmp_path):
         assert result["tf_update_over_sparse_paired"] > 0
         assert "sparse with TensorFlow's masked update / sparse" in markdown
     assert markdown in proc.stdout
+
+
+@pytest.mark.slow
+def test_quick_run_times_the_xla_arm_when_asked(tmp_path):
+    # --quick leaves XLA out unless --xla is given; then the compiled steps
+    # get their own row (the fused-SGD comparison is left out under XLA).
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", KERAS_BACKEND="tensorflow")
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--models=mlp", "--xla",
+         "--repeats=2", "--norss", f"--out={tmp_path}"],
+        capture_output=True, text=True, env=env, cwd=REPO, timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "speed.json").read_text())
+    assert report["settings"]["configs"] == ["default", "xla"]
+    by_jit = {r["jit_compile"]: r for r in report["results"]}
+    assert set(by_jit) == {False, True}
+    xla = by_jit[True]
+    for arm in ("dense", "sparse", "update"):
+        assert xla["step_ms"][arm]["median"] > 0
+    assert xla["update_ratio"] > 0 and xla["overhead_ratio"] > 0
+    assert xla["overhead_vs_fused_dense_paired"] is None
+    markdown = (tmp_path / "speed.md").read_text()
+    assert "| FMNIST-MLP v1 | yes |" in markdown
