@@ -42,9 +42,10 @@ path, with the table's fixed masks at the protocol's S = 0.8
 (`--fit_sparsity=0.9` for the sparser masks) and no
 SparseOptimizer: what a sparse fit could gain from this kernel at most.
 With FMNIST-CNN v1 in the run, the same for its model with the layers of
-`--cnn_fit_layers` (default: both convolutions) on the compiled path: forward and input gradient through the
-library's sparse convolution, the kernel gradient (at the nonzeros) through
-`FtConvKernelGrad` of `compiled_kernel.py` (`compiled_kernel.conv2d`).
+`--cnn_fit_layers` (default: both convolutions) on the compiled path:
+forward and input gradient through the library's sparse convolution, the
+kernel gradient (at the nonzeros) through `FtConvKernelGrad` of
+`compiled_kernel.py` (`compiled_kernel.conv2d`).
 
 Usage:
 
