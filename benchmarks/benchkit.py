@@ -263,6 +263,16 @@ def environment_info(script, argv=None, shared=False):
     )
 
 
+def softmax(logits):
+    """The softmax of an array of logits over its last axis, as float32
+    (NumPy, for the benchmarks that average members' predictions)."""
+    import numpy as np
+
+    z = logits - logits.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
+
+
 def write_report(out, stem, report, markdown, echo=True):
     """Writes `<out>/<stem>.json` (the report) and `<out>/<stem>.md`, making
     `out`; prints the markdown when `echo`. Both get the CPU steal since the

@@ -323,14 +323,6 @@ def lr_scheduler(config):
     return keras.callbacks.LearningRateScheduler(schedule)
 
 
-def _softmax(logits):
-    import numpy as np
-
-    z = logits - logits.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
-
-
 def _kernel_arrays(model):
     import keras
     import numpy as np
@@ -350,10 +342,10 @@ def _density(kernels):
 
 def predict_member(model, data):
     """Softmax probabilities of one logits model on test and OOD sets."""
-    probs = {"test": _softmax(model.predict(data.x_test, batch_size=1024,
+    probs = {"test": benchkit.softmax(model.predict(data.x_test, batch_size=1024,
                                             verbose=0))}
     for name, x in data.ood.items():
-        probs[name] = _softmax(model.predict(x, batch_size=1024, verbose=0))
+        probs[name] = benchkit.softmax(model.predict(x, batch_size=1024, verbose=0))
     return probs
 
 

@@ -203,13 +203,6 @@ def interleaved(fns, repeats, warmup=1):
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def _softmax(logits):
-    import numpy as np
-
-    z = np.exp(logits - logits.max(axis=-1, keepdims=True))
-    return z / z.sum(axis=-1, keepdims=True)
-
-
 def measure_predict(name, repeats, examples):
     import numpy as np
 
@@ -234,7 +227,7 @@ def measure_predict(name, repeats, examples):
         # then the mean of the members' softmax.
         outputs = [m.predict(x, batch_size=BATCH_SIZE, verbose=0) for m in members]
         if ensemble.member_output == "logits":
-            outputs = [_softmax(y) for y in outputs]
+            outputs = [benchkit.softmax(y) for y in outputs]
         return np.mean(outputs, axis=0)
 
     # The arms compute the same probabilities (float rounding apart).

@@ -105,3 +105,18 @@ def test_parse_threads_keeps_the_order_and_names_a_bad_entry():
             benchkit.parse_threads(["default", bad])
     with pytest.raises(Exception, match="Flag --pools must name at least one setting."):
         benchkit.parse_threads([" "], flag="pools")
+
+
+def test_softmax_normalises_each_row_without_overflow():
+    import numpy as np
+
+    logits = np.array([[0.0, 1.0, 2.0], [1000.0, 1000.0, 990.0]])
+    probs = benchkit.softmax(logits)
+    assert probs.dtype == np.float32
+    np.testing.assert_allclose(probs.sum(axis=-1), 1.0, rtol=1e-6)
+    e = np.exp([0.0, 1.0, 2.0])
+    np.testing.assert_allclose(probs[0], e / e.sum(), rtol=1e-6)
+    # Large logits: only the differences matter (no inf / nan).
+    np.testing.assert_allclose(probs[1], benchkit.softmax(logits[1:] - 990.0)[0],
+                               rtol=1e-6)
+    assert probs[1, 0] == probs[1, 1] > probs[1, 2]
