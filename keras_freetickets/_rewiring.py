@@ -51,6 +51,12 @@ def step_predicates(opt):
     return step, is_global, tf.logical_or(is_global, is_local)
 
 
+# Whether, under XLA, the sparse kernels' own updates run inside the mask
+# update's `cond` (see `StepUpdates`); False restores the layout where they
+# run before it (the tests compare the two).
+DEFER_INNER_UPDATES_UNDER_XLA = True
+
+
 class StepUpdates:
     """The mask updates of one train step.
 
@@ -63,6 +69,14 @@ class StepUpdates:
     layer's state only, so the result is bit for bit the same. Under a
     strategy each kernel's update runs per device, with that device's
     copies (see `update_program`), and keeps its own `cond`.
+
+    Under XLA (and no strategy) the sparse kernels' own updates (the inner
+    optimizer's, on the masked gradients) are queued too and run first in
+    both branches of that `cond`. XLA gives a conditional its own output
+    buffers, so a branch that passes a variable through copies it: with the
+    kernels and their slots written in both branches, the untaken branch
+    computes them in place of copying them, and copies only the masks and
+    records (benchmarks/SPEED.md, "Ordinary steps under XLA").
     """
 
     def __init__(self, opt, grads=(), variables=None):
@@ -82,9 +96,17 @@ class StepUpdates:
                 and compat.variable_key(inner, variable) in opt._layer_of_key
             )
 
-    def add(self, layer, variable, mask, gradient):
-        """Queues one layer's update (after its kernel's inner update)."""
-        self.pending.append((layer, variable, mask, gradient))
+    def defers_inner_updates(self):
+        """Whether kernels' own updates are queued (`add`'s `inner_update`)
+        instead of run at once: under XLA, when this step's updates share
+        one `cond`."""
+        return bool(self.expected and DEFER_INNER_UPDATES_UNDER_XLA
+                    and compat.in_xla_context())
+
+    def add(self, layer, variable, mask, gradient, inner_update=None):
+        """Queues one layer's update (after its kernel's inner update, or
+        with `inner_update`, run first inside both branches)."""
+        self.pending.append((layer, variable, mask, gradient, inner_update))
         if len(self.pending) >= self.expected:
             self.flush()
 
@@ -94,14 +116,24 @@ class StepUpdates:
         if not pending:
             return
 
+        def inner_updates():
+            for *_, inner_update in pending:
+                if inner_update is not None:
+                    inner_update()
+
         def update_all():
-            for layer, variable, mask, gradient in pending:
+            inner_updates()
+            for layer, variable, mask, gradient, _ in pending:
                 update_program(self.opt, layer, variable)(
                     mask, gradient, self.step, self.is_global
                 )
             return tf.constant(True)
 
-        tf.cond(self.update_now, update_all, lambda: tf.constant(False))
+        def ordinary():
+            inner_updates()
+            return tf.constant(False)
+
+        tf.cond(self.update_now, update_all, ordinary)
 
 
 def update_program(opt, layer, variable):

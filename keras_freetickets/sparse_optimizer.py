@@ -336,23 +336,30 @@ class SparseOptimizer(
         if layer is None:
             return self._inner_update_step(gradient, variable, learning_rate)
         mask = tf.convert_to_tensor(layer.mask.value)
-        raw_gradient = gradient
-        if isinstance(gradient, tf.IndexedSlices):
-            rows = tf.gather(mask, gradient.indices)
-            self._inner_update_step(tf.IndexedSlices(
-                tf.where(rows, gradient.values, tf.zeros_like(gradient.values)),
-                gradient.indices, gradient.dense_shape,
-            ), variable, learning_rate)
-        elif not (self.fused_sgd and _inner.fused_sgd_update(
-                self.inner_optimizer, gradient, variable, learning_rate,
-                mask=mask)):
-            self._inner_update_step(_inner.masked_gradient(gradient, mask),
-                                    variable, learning_rate)
-        if self._remask:
-            variable.assign(tf.where(mask, variable, tf.zeros_like(variable)))
+
+        def inner_update():
+            if isinstance(gradient, tf.IndexedSlices):
+                rows = tf.gather(mask, gradient.indices)
+                self._inner_update_step(tf.IndexedSlices(
+                    tf.where(rows, gradient.values, tf.zeros_like(gradient.values)),
+                    gradient.indices, gradient.dense_shape,
+                ), variable, learning_rate)
+            elif not (self.fused_sgd and _inner.fused_sgd_update(
+                    self.inner_optimizer, gradient, variable, learning_rate,
+                    mask=mask)):
+                self._inner_update_step(_inner.masked_gradient(gradient, mask),
+                                        variable, learning_rate)
+            if self._remask:
+                variable.assign(tf.where(mask, variable, tf.zeros_like(variable)))
 
         step_updates = self._step_updates or _rewiring.StepUpdates(self)
-        step_updates.add(layer, variable, mask, raw_gradient)
+        if step_updates.defers_inner_updates():
+            # Under XLA the kernel's own update moves into both branches of
+            # the step's mask-update `cond` (see `StepUpdates`).
+            step_updates.add(layer, variable, mask, gradient, inner_update)
+        else:
+            inner_update()
+            step_updates.add(layer, variable, mask, gradient)
 
     # ------------------------------------------------------------ delegation
     @property

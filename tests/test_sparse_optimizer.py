@@ -321,6 +321,53 @@ def test_fit_with_jit_and_steps_per_execution():
     assert opt.check_invariants() == []
 
 
+@pytest.mark.parametrize("inner", ["momentum", "adam"])
+def test_xla_step_with_kernel_updates_inside_the_cond_trains_the_same(
+        monkeypatch, inner):
+    """Under XLA the sparse kernels' own updates run inside both branches
+    of the mask-update `cond` (`_rewiring.StepUpdates`); the weights, slots,
+    masks and counts match the layout where they run before it, bit for
+    bit, over ordinary and update steps (RigL and a global exploration)."""
+    from keras_freetickets import _rewiring
+
+    seen = []
+    real = _rewiring.StepUpdates.defers_inner_updates
+
+    def defers(self):
+        seen.append(real(self))
+        return seen[-1]
+
+    monkeypatch.setattr(_rewiring.StepUpdates, "defers_inner_updates", defers)
+
+    def run(defer):
+        monkeypatch.setattr(_rewiring, "DEFER_INNER_UPDATES_UNDER_XLA", defer)
+        seen.clear()
+        model = mlp()
+        optimizer = (keras.optimizers.SGD(0.05, momentum=0.9) if inner == "momentum"
+                     else keras.optimizers.Adam(0.01))
+        opt = kft.SparseOptimizer(optimizer, sparsity=0.8, update_interval=3,
+                                  grow="gradient", seed=1)
+        model.compile(opt, keras.losses.SparseCategoricalCrossentropy(True),
+                      jit_compile=True)
+        x, y = data(160)
+        opt.schedule_global_exploration(7, opt.drop_fraction)  # and at step 7
+        model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+        assert seen and set(seen) == {defer}  # each sparse kernel, when traced
+        return model, opt
+
+    model_a, opt_a = run(True)
+    model_b, opt_b = run(False)
+    assert int(opt_a.mask_updates.numpy()) == int(opt_b.mask_updates.numpy()) >= 3
+    masks_a, masks_b = opt_a.get_masks(), opt_b.get_masks()  # two models' paths
+    assert len(masks_a) == len(masks_b) == 3
+    for a, b in zip(masks_a.values(), masks_b.values()):
+        np.testing.assert_array_equal(a, b)
+    assert opt_a.check_invariants() == [] and opt_b.check_invariants() == []
+    for a, b in zip(model_a.weights + opt_a.inner_optimizer.variables,
+                    model_b.weights + opt_b.inner_optimizer.variables):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=b.path)
+
+
 def test_first_fit_builds_eagerly_and_traces_each_update_once(monkeypatch):
     """Without a strategy Keras builds the optimizer inside the first train
     step and TensorFlow traces that step twice. The build runs eagerly and
