@@ -321,13 +321,14 @@ def test_fit_with_jit_and_steps_per_execution():
     assert opt.check_invariants() == []
 
 
-@pytest.mark.parametrize("inner", ["momentum", "adam"])
+@pytest.mark.parametrize("inner", ["momentum", "adam", "mixed_float16"])
 def test_xla_step_with_kernel_updates_inside_the_cond_trains_the_same(
         monkeypatch, inner):
     """Under XLA the sparse kernels' own updates run inside both branches
     of the mask-update `cond` (`_rewiring.StepUpdates`); the weights, slots,
     masks and counts match the layout where they run before it, bit for
-    bit, over ordinary and update steps (RigL and a global exploration)."""
+    bit, over ordinary and update steps (RigL and a global exploration),
+    also inside a `LossScaleOptimizer` under mixed precision."""
     from keras_freetickets import _rewiring
 
     seen = []
@@ -342,12 +343,19 @@ def test_xla_step_with_kernel_updates_inside_the_cond_trains_the_same(
     def run(defer):
         monkeypatch.setattr(_rewiring, "DEFER_INNER_UPDATES_UNDER_XLA", defer)
         seen.clear()
-        model = mlp()
-        optimizer = (keras.optimizers.SGD(0.05, momentum=0.9) if inner == "momentum"
-                     else keras.optimizers.Adam(0.01))
+        optimizer = (keras.optimizers.Adam(0.01) if inner == "adam"
+                     else keras.optimizers.SGD(0.05, momentum=0.9))
         opt = kft.SparseOptimizer(optimizer, sparsity=0.8, update_interval=3,
                                   grow="gradient", seed=1)
-        model.compile(opt, keras.losses.SparseCategoricalCrossentropy(True),
+        if inner == "mixed_float16":
+            keras.mixed_precision.set_global_policy("mixed_float16")
+        try:
+            model = mlp()
+        finally:
+            keras.mixed_precision.set_global_policy("float32")
+        model.compile(keras.optimizers.LossScaleOptimizer(opt)
+                      if inner == "mixed_float16" else opt,
+                      keras.losses.SparseCategoricalCrossentropy(True),
                       jit_compile=True)
         x, y = data(160)
         opt.schedule_global_exploration(7, opt.drop_fraction)  # and at step 7
